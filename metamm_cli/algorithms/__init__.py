@@ -1,0 +1,16 @@
+"""Meta-algorithms: a new one is a MetaAlgorithm subclass plus configs/algorithm/NAME.yaml."""
+from __future__ import annotations
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metamm_cli.algorithms.base import MetaAlgorithm, accuracy
+from metamm_cli.data.base import MultimodalDataset
+from metamm_cli.models.net import build_model
+
+__all__ = ["MetaAlgorithm", "accuracy", "build_algorithm"]
+
+
+def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset) -> MetaAlgorithm:
+    """Model (encoders + fusion) from the config, wrapped by ``algorithm._target_``."""
+    return instantiate(cfg.algorithm, model=build_model(cfg, dataset), way=cfg.episode.way)

@@ -1,0 +1,95 @@
+"""Episodes -> mean accuracy with a 95% confidence interval; shared by validation and `metamm eval`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Dict
+
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metamm_cli import ConfigError
+from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm
+from metamm_cli.checkpoint import load_checkpoint
+from metamm_cli.config import TrainConfig, check_ranges
+from metamm_cli.data.episodes import EpisodeSampler
+
+log = logging.getLogger("metamm")
+
+
+def mean_ci95(accs: torch.Tensor) -> Dict[str, float]:
+    """Mean and the half-width of its normal 95% interval, 1.96 * std / sqrt(n)."""
+    accs = accs.double().cpu()
+    n = accs.numel()
+    ci = 1.96 * accs.std(unbiased=True).item() / math.sqrt(n) if n > 1 else 0.0
+    return {"accuracy": accs.mean().item(), "ci95": ci, "episodes": n}
+
+
+def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_per_batch: int,
+             autocast=contextlib.nullcontext) -> Dict[str, float]:
+    """Run ``episodes`` episodes (the sampler is re-seeded, so every call sees the same ones)."""
+    was_training = algo.training
+    algo.eval()
+    sampler.reset()
+    accs = []
+    with torch.no_grad():
+        for start in range(0, episodes, tasks_per_batch):
+            episode = sampler.sample(min(tasks_per_batch, episodes - start))
+            with autocast():
+                _, logits = algo(episode)
+            accs.append(accuracy(logits, episode.query_labels))
+    algo.train(was_training)
+    return mean_ci95(torch.cat(accs))
+
+
+def apply_overrides(stored: dict, cfg: DictConfig, overrides: list) -> DictConfig:
+    """The checkpoint's config with the keys the user overrode on the command line taken from
+    ``cfg`` (already composed and type-checked by Hydra); ``eval`` always comes from ``cfg``."""
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.package or o.key_or_group.replace("/", ".")
+        if key in ("ckpt", "hydra") or key.startswith(("hydra.", "eval.", "eval")):
+            continue
+        if o.is_delete() or key == "exp" or key.startswith("_global_"):
+            raise ConfigError(f"{o.input_line}: at eval time override keys or groups, not {o.key_or_group}")
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
+    merged.eval = cfg.eval
+    return merged
+
+
+def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path) -> Dict:
+    """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes."""
+    from metamm_cli.train import autocast_for, resolve_device
+
+    state = load_checkpoint(cfg.ckpt)
+    if "config" not in state or "model" not in state:
+        raise ConfigError(f"--ckpt {state['path']}: checkpoint lacks its config or weights")
+    run_cfg = apply_overrides(state["config"], cfg, overrides)
+    check_ranges(run_cfg)
+    device = resolve_device(run_cfg.trainer.device)
+    dataset = instantiate(run_cfg.dataset, _convert_="all")
+    algo = build_algorithm(run_cfg, dataset).to(device)
+    try:
+        algo.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ConfigError(f"--ckpt {state['path']}: weights do not fit the model of the overridden "
+                          f"config (changed encoder, fusion or algorithm?)") from e
+    E, V = run_cfg.episode, run_cfg.eval
+    split = V.split.value if hasattr(V.split, "value") else str(V.split)
+    sampler = EpisodeSampler(dataset.split(split, device), E.way, E.shot, E.query,
+                             V.tasks_per_batch, seed=V.seed, split_name=split)
+    result = evaluate(algo, sampler, V.episodes, V.tasks_per_batch,
+                      autocast_for(device, run_cfg.trainer.amp))
+    report = {**result, "split": split, "ckpt": state["path"], "step": state.get("step"),
+              "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    print(f"accuracy: {result['accuracy']:.2f} +- {result['ci95']:.2f} "
+          f"(95% CI, {result['episodes']} episodes)")
+    log.info(f"{E.way}-way {E.shot}-shot on the {split} split; wrote {out_dir / 'eval.json'}")
+    return report

@@ -1,0 +1,3 @@
+from metamm_cli.models.net import MultimodalNet, build_model
+
+__all__ = ["MultimodalNet", "build_model"]

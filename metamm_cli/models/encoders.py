@@ -1,0 +1,89 @@
+"""Per-modality encoders ``[B, *shape_m] -> [B, dim]``.
+
+Each takes the modality's :class:`ModalitySpec` (``spec``) and the common output width
+``dim``; all are plain conv/linear stacks, so ``torch.func.vmap`` batches them over tasks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from metamm_cli import ConfigError
+from metamm_cli.data.episodes import ModalitySpec
+
+
+def _block(conv: type, pool: type, bn: type, cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(conv(cin, cout, k, padding=k // 2), bn(cout), nn.ReLU(), pool(2))
+
+
+def _need(spec: ModalitySpec, rank: int, name: str, float_input: bool = True) -> None:
+    if len(spec.shape) != rank or spec.dtype.is_floating_point != float_input:
+        kind = "float" if float_input else "integer"
+        raise ConfigError(f"encoder {name} needs {kind} inputs of rank {rank}, "
+                          f"got shape {list(spec.shape)} {spec.dtype}")
+
+
+class Conv4(nn.Module):
+    """Four conv3x3-BN-ReLU-maxpool blocks (Vinyals et al. 2016; Snell et al. 2017), then global
+    average pooling, for images ``[C, H, W]``."""
+
+    def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 64, depth: int = 4):
+        super().__init__()
+        _need(spec, 3, "conv4")
+        depth = min(depth, int(math.log2(min(spec.shape[1:]))))
+        widths = [spec.shape[0]] + [hidden] * (depth - 1) + [dim]
+        self.net = nn.Sequential(*[_block(nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, a, b, 3)
+                                   for a, b in zip(widths, widths[1:])])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(-2, -1))
+
+
+class Conv1d(nn.Module):
+    """1-D conv stack (kernel 7, stride-2 pooling) with global average pooling, for signals
+    ``[C, L]`` such as raw audio; a cheap stand-in for spectrogram CNNs."""
+
+    def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 64, depth: int = 4,
+                 kernel: int = 7):
+        super().__init__()
+        _need(spec, 2, "conv1d")
+        depth = min(depth, int(math.log2(spec.shape[1])))
+        widths = [spec.shape[0]] + [hidden] * (depth - 1) + [dim]
+        self.net = nn.Sequential(*[_block(nn.Conv1d, nn.MaxPool1d, nn.BatchNorm1d, a, b, kernel)
+                                   for a, b in zip(widths, widths[1:])])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=-1)
+
+
+class TokenConv(nn.Module):
+    """Token sequences ``[L]`` (int): embedding, two 1-D convs, global max pooling
+    (Kim 2014 style); order-aware but shift-invariant."""
+
+    def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 64, embed: int = 32):
+        super().__init__()
+        _need(spec, 1, "tokens", float_input=False)
+        if not spec.vocab:
+            raise ConfigError("encoder tokens needs a dataset modality with a vocab size")
+        self.embed = nn.Embedding(spec.vocab, embed)
+        self.net = nn.Sequential(nn.Conv1d(embed, hidden, 3, padding=1), nn.ReLU(),
+                                 nn.Conv1d(hidden, dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.embed(x).transpose(-1, -2)).amax(dim=-1)
+
+
+class MLP(nn.Module):
+    """Flatten, then a two-layer MLP: feature vectors, or a quick baseline for any float modality."""
+
+    def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 128):
+        super().__init__()
+        if not spec.dtype.is_floating_point:
+            raise ConfigError(f"encoder mlp needs float inputs, got {spec.dtype}")
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(spec.shape), hidden), nn.ReLU(),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
