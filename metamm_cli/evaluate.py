@@ -53,7 +53,7 @@ def apply_overrides(stored: dict, cfg: DictConfig, overrides: list) -> DictConfi
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.package or o.key_or_group.replace("/", ".")
-        if key in ("ckpt", "hydra") or key.startswith(("hydra.", "eval.", "eval")):
+        if key in ("ckpt", "hydra", "eval") or key.startswith(("hydra.", "eval.")):
             continue
         if o.is_delete() or key == "exp" or key.startswith("_global_"):
             raise ConfigError(f"{o.input_line}: at eval time override keys or groups, not {o.key_or_group}")
@@ -73,12 +73,12 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path) -> Dict
     check_ranges(run_cfg)
     device = resolve_device(run_cfg.trainer.device)
     dataset = instantiate(run_cfg.dataset, _convert_="all")
-    algo = build_algorithm(run_cfg, dataset).to(device)
+    algo = build_algorithm(run_cfg, dataset, way=state["config"]["episode"]["way"]).to(device)
     try:
         algo.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise ConfigError(f"--ckpt {state['path']}: weights do not fit the model of the overridden "
-                          f"config (changed encoder, fusion or algorithm?)") from e
+        raise ConfigError(f"--ckpt {state['path']}: its weights do not fit the model of the "
+                          f"overridden config (was an encoder, fusion or algorithm key changed?)") from e
     E, V = run_cfg.episode, run_cfg.eval
     split = V.split.value if hasattr(V.split, "value") else str(V.split)
     sampler = EpisodeSampler(dataset.split(split, device), E.way, E.shot, E.query,

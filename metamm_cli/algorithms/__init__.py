@@ -1,6 +1,8 @@
 """Meta-algorithms: a new one is a MetaAlgorithm subclass plus configs/algorithm/NAME.yaml."""
 from __future__ import annotations
 
+from typing import Optional
+
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -11,6 +13,7 @@ from metamm_cli.models.net import build_model
 __all__ = ["MetaAlgorithm", "accuracy", "build_algorithm"]
 
 
-def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset) -> MetaAlgorithm:
-    """Model (encoders + fusion) from the config, wrapped by ``algorithm._target_``."""
-    return instantiate(cfg.algorithm, model=build_model(cfg, dataset), way=cfg.episode.way)
+def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[int] = None) -> MetaAlgorithm:
+    """Model (encoders + fusion) from the config, wrapped by ``algorithm._target_``; ``way`` is
+    the training way (a checkpoint's, when evaluating at another way)."""
+    return instantiate(cfg.algorithm, model=build_model(cfg, dataset), way=way or cfg.episode.way)

@@ -1,0 +1,49 @@
+"""Shared fixtures: run the real `metamm` executable in a scratch folder, compose configs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from metamm_cli.config import config_dir, register_schemas
+
+# The console script installed beside this interpreter (pip install . or -e .).
+_script = Path(sys.executable).with_name("metamm")
+METAMM = [str(_script)] if _script.exists() else [shutil.which("metamm") or "metamm"]
+SMOKE = ["+exp=smoke"]
+
+
+def run_metamm(args, cwd, env=None, check=True):
+    """Run `metamm ARGS` in ``cwd``; returns the CompletedProcess (stdout/stderr as text)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = subprocess.run(METAMM + [str(a) for a in args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"metamm {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_dir_of(proc) -> Path:
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("run directory: "))
+    return Path(line.split(": ", 1)[1])
+
+
+def compose_cfg(overrides=(), name="train"):
+    register_schemas()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One smoke training run shared by the tests that need a checkpoint."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    proc = run_metamm(["train", *SMOKE], cwd)
+    return {"cwd": cwd, "proc": proc, "run_dir": cwd / run_dir_of(proc)}

@@ -1,0 +1,125 @@
+"""End-to-end through the real `metamm` executable: train -> checkpoint -> eval -> JSON,
+multirun, resume, data, help, user experiment folders, TensorBoard output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import SMOKE, run_dir_of, run_metamm
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def test_train_writes_run_folder(smoke_run):
+    run = smoke_run["run_dir"]
+    assert run.parent.parent == smoke_run["cwd"] / "outputs" / "smoke"
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.json", "train.log",
+                 ".hydra/config.yaml"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 8 and 0 <= metrics["val_acc"] <= 100
+    assert f"{metrics['val_acc']:.2f}" in smoke_run["proc"].stdout  # printed at the end
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 8 and state["config"]["episode"]["way"] == 3
+    assert {"model", "optimizer", "rng", "scaler"} <= set(state)
+
+
+def test_tensorboard_scalars_and_hparams(smoke_run):
+    acc = EventAccumulator(str(smoke_run["run_dir"] / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "val/acc", "val/acc_ci95", "episodes_per_s"} <= tags
+    assert [e.step for e in acc.Scalars("val/acc")] == [4, 8]
+    # add_hparams wrote into the run's own tb/ folder (no timestamped sub-folder)
+    events = list((smoke_run["run_dir"] / "tb").glob("events.out.tfevents.*"))
+    assert len(events) >= 2 and not [p for p in (smoke_run["run_dir"] / "tb").iterdir() if p.is_dir()]
+    hp = EventAccumulator(str(smoke_run["run_dir"] / "tb"))
+    hp.Reload()
+    assert "hparam/val_acc" in hp.Tags()["scalars"]
+
+
+def test_eval_checkpoint_with_overrides(smoke_run):
+    ckpt = smoke_run["run_dir"] / "checkpoints" / "best.pt"
+    proc = run_metamm(["eval", "--ckpt", ckpt, "episode.way=4", "eval.episodes=30",
+                       "eval.split=val"], smoke_run["cwd"])
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("accuracy: ")]
+    assert line and line[0].endswith("(95% CI, 30 episodes)")
+    out = sorted((smoke_run["cwd"] / "outputs" / "evals").glob("*/eval.json"))[-1]
+    report = json.loads(out.read_text())
+    assert report["episodes"] == 30 and report["split"] == "val"
+    assert report["config"]["episode"]["way"] == 4  # override applied ...
+    assert report["config"]["episode"]["shot"] == 1 and report["config"]["encoder"]["dim"] == 16  # ... on the checkpoint's config
+    assert line[0] == f"accuracy: {report['accuracy']:.2f} +- {report['ci95']:.2f} (95% CI, 30 episodes)"
+
+
+def test_eval_is_reproducible(smoke_run):
+    ckpt = smoke_run["run_dir"] / "checkpoints" / "last.pt"
+    a, b = (run_metamm(["eval", f"--ckpt={ckpt}", "eval.episodes=20"], smoke_run["cwd"]) for _ in range(2))
+    acc = [ln for ln in a.stdout.splitlines() if ln.startswith("accuracy")]
+    assert acc and acc == [ln for ln in b.stdout.splitlines() if ln.startswith("accuracy")]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """8 steps + resume to 12 == 12 steps straight (weights equal: RNG and sampler restored)."""
+    base = ["train", *SMOKE, "trainer.val_every=100", "trainer.ckpt_every=100"]
+    first = run_dir_of(run_metamm(base, tmp_path))
+    resumed = run_metamm(base + ["trainer.max_steps=12", f"trainer.resume={first}"], tmp_path)
+    assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    straight = run_metamm(base + ["trainer.max_steps=12"], tmp_path)
+    a = torch.load(run_dir_of(resumed) / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run_dir_of(straight) / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    again = run_metamm(base + ["trainer.max_steps=12", "trainer.resume=true"], tmp_path)
+    assert "at step 12" in again.stdout  # true: the newest last.pt of this task
+
+
+def test_multirun_three_jobs(tmp_path):
+    proc = run_metamm(["train", "-m", *SMOKE, "fusion=concat,attention,weighted",
+                       "trainer.max_steps=2", "trainer.val_every=2"], tmp_path)
+    sweeps = list((tmp_path / "outputs" / "smoke" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [j.split(",")[0] for j in jobs] == ["0_fusion=concat", "1_fusion=attention",
+                                               "2_fusion=weighted"], proc.stdout
+    for job in jobs:
+        assert (sweeps[0] / job / "metrics.json").is_file()
+        assert list((sweeps[0] / job / "tb").glob("events.out.tfevents.*"))
+    configs = [(sweeps[0] / j / ".hydra" / "config.yaml").read_text() for j in jobs]
+    assert [c.count("models.fusion.") for c in configs] == [1, 1, 1]
+    assert "fusion.Concat" in configs[0] and "fusion.Attention" in configs[1] and "fusion.Weighted" in configs[2]
+
+
+def test_train_argument_forms(tmp_path):
+    assert "train" in run_metamm(["--help"], tmp_path).stdout
+    assert "eval" in run_metamm(["--help"], tmp_path).stdout
+    hydra_help = run_metamm(["train", "--help"], tmp_path).stdout
+    assert "fusion: attention, concat, gated, weighted" in hydra_help
+    job = run_metamm(["train", *SMOKE, "fusion=attention", "--cfg", "job"], tmp_path).stdout
+    assert "Attention" in job and "way: 3" in job
+    assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
+
+
+def test_data_command(tmp_path):
+    out = run_metamm(["data", *SMOKE], tmp_path).stdout
+    assert "image[1, 28, 28]" in out and "tokens[12] int64" in out
+    train_row = next(ln for ln in out.splitlines() if ln.startswith("train"))
+    assert train_row.split()[1:3] == ["125", "1000"]  # 5**3 classes x 8 samples
+    assert "fit every split" in out
+
+
+def test_user_experiment_folder(tmp_path):
+    mine = tmp_path / "my_configs" / "exp"
+    mine.mkdir(parents=True)
+    (mine / "tiny.yaml").write_text("# @package _global_\ndefaults:\n  - smoke\n"
+                                    "task_name: mine\ntrainer: {max_steps: 2, val_every: 2}\n")
+    proc = run_metamm(["train", "--config-dir", tmp_path / "my_configs", "+exp=tiny"], tmp_path)
+    assert "/outputs/mine/runs/" in proc.stdout and "step 2)" in proc.stdout
+
+
+def test_single_modality_and_missing(tmp_path):
+    proc = run_metamm(["train", *SMOKE, "dataset.modalities=[audio]", "fusion=weighted",
+                       "dataset.missing={image: 0.5, audio: 0.3, tokens: 0.3}", "trainer.max_steps=2",
+                       "trainer.val_every=2"], tmp_path)
+    assert "audio[1, 128]" in proc.stdout and "image[" not in proc.stdout
