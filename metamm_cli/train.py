@@ -83,6 +83,23 @@ def _flat(cfg: Dict, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def meta_backward(algo, episode, chunk: int, autocast=contextlib.nullcontext, scaler=None):
+    """Forward and backward the meta-batch ``chunk`` tasks at a time (bounding memory); the
+    gradients are those of the mean loss over all tasks. Returns the summed task losses and
+    accuracies, still on the device."""
+    T = episode.num_tasks
+    loss_sum = acc_sum = 0
+    for start in range(0, T, chunk):
+        part = episode.tasks(start, start + chunk)
+        with autocast():
+            loss, logits = algo(part)
+        scaled = loss * (part.num_tasks / T)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum = loss_sum + loss.detach() * part.num_tasks
+        acc_sum = acc_sum + accuracy(logits.detach(), part.query_labels).sum()
+    return loss_sum, acc_sum
+
+
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Train ``cfg.algorithm`` on ``cfg.dataset``; returns (and writes) the final metrics."""
     check_ranges(cfg)
@@ -109,6 +126,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     step, best, best_step = 0, float("-inf"), 0
     if resume_path is not None:
         state = load_checkpoint(resume_path, key="trainer.resume")
+        resume_path = Path(state["path"])
         try:
             algo.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -125,6 +143,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         log.info(f"resumed from {state['path']} at step {step}")
 
     stored_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(stored_cfg))
     ckpt_dir = run_dir / "checkpoints"
 
     def save(name: str) -> None:
@@ -157,13 +177,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         while step < T.max_steps:
             episode = train_sampler.sample()
             optimizer.zero_grad(set_to_none=True)
-            for start in range(0, T.meta_batch, chunk):
-                part = episode.tasks(start, start + chunk)
-                with autocast():
-                    loss, logits = algo(part)
-                scaler.scale(loss * (part.num_tasks / T.meta_batch)).backward()
-                loss_sum += loss.detach() * part.num_tasks
-                acc_sum += accuracy(logits.detach(), part.query_labels).sum()
+            loss_total, acc_total = meta_backward(algo, episode, chunk, autocast, scaler)
+            loss_sum += loss_total
+            acc_sum += acc_total
             if T.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(algo.parameters(), T.grad_clip)
