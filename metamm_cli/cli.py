@@ -112,6 +112,11 @@ def cmd_data(argv: List[str]) -> int:
     from metamm_cli.config import check_ranges, config_dir, register_schemas
     from metamm_cli.data.episodes import EpisodeSampler
 
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: metamm data [dataset=NAME] [dataset.KEY=VALUE ...] [episode.way=N ...]\n"
+              "Prints each split's classes, samples and modality presence, and checks that the\n"
+              "episode (way, shot + query) fits every split.")
+        return 0
     register_schemas()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=argv)

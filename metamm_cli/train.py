@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -146,6 +147,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(stored_cfg))
     ckpt_dir = run_dir / "checkpoints"
+    if resume_path is not None and (resume_path.parent / "best.pt").is_file():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # the new run folder is complete on its own
+        shutil.copy2(resume_path.parent / "best.pt", ckpt_dir / "best.pt")
 
     def save(name: str) -> None:
         save_checkpoint(ckpt_dir / name, {
@@ -166,7 +170,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     chunk = T.task_chunk or T.meta_batch
     loss_sum = torch.zeros((), device=device)
     acc_sum = torch.zeros((), device=device)
-    seen, train_time, total_eps, total_time = 0, 0.0, 0, 0.0
+    seen, total_eps, total_time = 0, 0, 0.0
     last: Dict[str, float] = {}
     val: Optional[Dict[str, float]] = None
     bar = tqdm(total=T.max_steps, initial=step, disable=not T.progress, dynamic_ncols=True,

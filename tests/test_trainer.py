@@ -33,6 +33,7 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(EpisodeSampler, "sample", real_sample)
     metrics = train(compose_cfg(FAST + [f"trainer.resume={tmp_path / 'a'}"]), run_dir=tmp_path / "b")
     assert metrics["step"] == 8 and metrics["resumed_from"].endswith("last.pt")
+    assert (tmp_path / "b" / "checkpoints" / "best.pt").is_file()
     assert (tmp_path / "b" / "config.yaml").read_text().count("way: 3") == 1
 
 
