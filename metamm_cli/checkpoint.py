@@ -30,16 +30,17 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, key: str = "--ckpt") -> Dict[str, Any]:
-    """Load a metamm checkpoint on the CPU (tensors only, no arbitrary pickles)."""
+def load_checkpoint(path: str | Path, key: str = "--ckpt", prefer: str = "last.pt") -> Dict[str, Any]:
+    """Load a metamm checkpoint on the CPU (tensors only, no arbitrary pickles). ``path`` may be
+    a run folder, which means its ``checkpoints/<prefer>``."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+        for candidate in (path / "checkpoints" / prefer, path / prefer):
             if candidate.is_file():
                 path = candidate
                 break
         else:
-            raise ConfigError(f"{key} {path}: a folder without checkpoints/last.pt")
+            raise ConfigError(f"{key} {path}: a folder without checkpoints/{prefer}")
     if not path.is_file():
         raise ConfigError(f"{key} {path}: no such file")
     try:

@@ -98,7 +98,7 @@ def cmd_eval(argv: List[str]) -> int:
     from metamm_cli.checkpoint import load_checkpoint
 
     if ckpt != "null":
-        load_checkpoint(ckpt)  # fail fast, before Hydra makes an output folder
+        load_checkpoint(ckpt, prefer="best.pt")  # fail fast, before Hydra makes an output folder
     # Hydra's grammar would read characters such as '=' or ',' in a path: quote it.
     quoted = "'" + ckpt.replace("\\", "\\\\").replace("'", "\\'") + "'"
     _hydra_app("eval", _eval_task, out + [f"+ckpt={quoted}"], "metamm eval")

@@ -66,7 +66,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path) -> Dict
     """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes."""
     from metamm_cli.train import autocast_for, resolve_device
 
-    state = load_checkpoint(cfg.ckpt)
+    state = load_checkpoint(cfg.ckpt, prefer="best.pt")
     if "config" not in state or "model" not in state:
         raise ConfigError(f"--ckpt {state['path']}: checkpoint lacks its config or weights")
     run_cfg = apply_overrides(state["config"], cfg, overrides)

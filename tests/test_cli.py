@@ -53,8 +53,10 @@ def test_eval_checkpoint_with_overrides(smoke_run):
 
 
 def test_eval_is_reproducible(smoke_run):
-    ckpt = smoke_run["run_dir"] / "checkpoints" / "last.pt"
-    a, b = (run_metamm(["eval", f"--ckpt={ckpt}", "eval.episodes=20"], smoke_run["cwd"]) for _ in range(2))
+    """Same episodes every time (eval.seed); a run folder means its checkpoints/best.pt."""
+    ckpt = smoke_run["run_dir"] / "checkpoints" / "best.pt"
+    a = run_metamm(["eval", f"--ckpt={ckpt}", "eval.episodes=20"], smoke_run["cwd"])
+    b = run_metamm(["eval", "--ckpt", smoke_run["run_dir"], "eval.episodes=20"], smoke_run["cwd"])
     acc = [ln for ln in a.stdout.splitlines() if ln.startswith("accuracy")]
     assert acc and acc == [ln for ln in b.stdout.splitlines() if ln.startswith("accuracy")]
 
@@ -86,6 +88,9 @@ def test_multirun_three_jobs(tmp_path):
     for job in jobs:
         assert (sweeps[0] / job / "metrics.json").is_file()
         assert list((sweeps[0] / job / "tb").glob("events.out.tfevents.*"))
+    summary = (sweeps[0] / "summary.md").read_text()  # the sweep-end table, one row per setting
+    assert summary.count("fusion=") == 3 and "val acc" in summary
+    assert "sweep summary" in proc.stdout
     configs = [(sweeps[0] / j / ".hydra" / "config.yaml").read_text() for j in jobs]
     assert [c.count("models.fusion.") for c in configs] == [1, 1, 1]
     assert "fusion.Concat" in configs[0] and "fusion.Attention" in configs[1] and "fusion.Weighted" in configs[2]
@@ -123,3 +128,11 @@ def test_single_modality_and_missing(tmp_path):
                        "dataset.missing={image: 0.5, audio: 0.3, tokens: 0.3}", "trainer.max_steps=2",
                        "trainer.val_every=2"], tmp_path)
     assert "audio[1, 128]" in proc.stdout and "image[" not in proc.stdout
+
+
+def test_sweep_preset(tmp_path):
+    run_metamm(["train", "-m", *SMOKE, "+sweep=fusions", "hydra.sweeper.params.seed=0",
+                "trainer.max_steps=1", "trainer.val_every=1", "trainer.val_episodes=2"], tmp_path)
+    sweep = next((tmp_path / "outputs" / "smoke" / "multiruns").iterdir())
+    jobs = sorted(p.name.split(",")[0] for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert jobs == ["0_fusion=concat", "1_fusion=attention", "2_fusion=weighted", "3_fusion=gated"]

@@ -62,7 +62,7 @@ def test_eval_rejects_foreign_files(tmp_path, content):
     unreadable = tmp_path / "folder"
     unreadable.mkdir()
     assert_one_line_error(run_metamm(["eval", "--ckpt", unreadable], tmp_path, check=False),
-                          ["without checkpoints/last.pt"])
+                          ["without checkpoints/best.pt"])
 
 
 def test_eval_way_mismatch_for_learned_maml_head(tmp_path):

@@ -60,3 +60,14 @@ def test_task_chunks_give_the_same_gradient(algorithm):
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("algorithm", ["protonet", "maml"])
+def test_mixed_precision_trains(tmp_path, amp, algorithm):
+    """autocast (and fp16's GradScaler) on whatever device is here; the CPU in CI."""
+    metrics = train(compose_cfg(FAST + [f"algorithm={algorithm}", f"trainer.amp={amp}",
+                                        "trainer.max_steps=2", "trainer.val_every=2"]),
+                    run_dir=tmp_path)
+    assert metrics["step"] == 2 and 0 <= metrics["val_acc"] <= 100
+    assert metrics["train_loss"] is not None and metrics["train_loss"] == metrics["train_loss"]  # not NaN
