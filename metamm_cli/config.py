@@ -83,15 +83,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-@dataclass
-class EvalAppConfig(TrainConfig):
-    ckpt: Optional[str] = None
-
-
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="eval_schema", node=EvalAppConfig)
 
 
 def config_dir() -> str:

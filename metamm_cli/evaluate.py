@@ -18,6 +18,7 @@ from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm
 from metamm_cli.checkpoint import load_checkpoint
 from metamm_cli.config import TrainConfig, check_ranges
 from metamm_cli.data.episodes import EpisodeSampler
+from metamm_cli.device import autocast_for, enum_name, resolve_device
 
 log = logging.getLogger("metamm")
 
@@ -64,8 +65,6 @@ def apply_overrides(stored: dict, cfg: DictConfig, overrides: list) -> DictConfi
 
 def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path) -> Dict:
     """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes."""
-    from metamm_cli.train import autocast_for, resolve_device
-
     state = load_checkpoint(cfg.ckpt, prefer="best.pt")
     if "config" not in state or "model" not in state:
         raise ConfigError(f"--ckpt {state['path']}: checkpoint lacks its config or weights")
@@ -80,7 +79,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path) -> Dict
         raise ConfigError(f"--ckpt {state['path']}: its weights do not fit the model of the "
                           f"overridden config (was an encoder, fusion or algorithm key changed?)") from e
     E, V = run_cfg.episode, run_cfg.eval
-    split = V.split.value if hasattr(V.split, "value") else str(V.split)
+    split = enum_name(V.split)
     sampler = EpisodeSampler(dataset.split(split, device), E.way, E.shot, E.query,
                              V.tasks_per_batch, seed=V.seed, split_name=split)
     result = evaluate(algo, sampler, V.episodes, V.tasks_per_batch,

@@ -3,7 +3,6 @@ periodic validation, atomic checkpoints and resume. It knows nothing about any a
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import random
@@ -12,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -23,39 +21,10 @@ from metamm_cli.algorithms import accuracy, build_algorithm
 from metamm_cli.checkpoint import load_checkpoint, save_checkpoint
 from metamm_cli.config import check_ranges
 from metamm_cli.data.episodes import EpisodeSampler
+from metamm_cli.device import autocast_for, enum_name, resolve_device, seed_everything
 from metamm_cli.evaluate import evaluate
 
 log = logging.getLogger("metamm")
-
-
-def _name(value: Any) -> str:
-    return value.value if hasattr(value, "value") else str(value)
-
-
-def resolve_device(device: Any) -> torch.device:
-    name = _name(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda: no CUDA device is available here; use auto or cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"trainer.device={name}: must be one of auto, cpu, cuda")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, amp: Any):
-    """A factory of autocast contexts: bf16 or fp16 mixed precision, or none."""
-    name = _name(amp)
-    if name == "none":
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device.type,
-                             dtype=torch.bfloat16 if name == "bf16" else torch.float16)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def find_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
@@ -123,7 +92,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     optimizer = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad],
                                  lr=T.lr, weight_decay=T.weight_decay)
     autocast = autocast_for(device, T.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=_name(T.amp) == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=enum_name(T.amp) == "fp16")
     step, best, best_step = 0, float("-inf"), 0
     if resume_path is not None:
         state = load_checkpoint(resume_path, key="trainer.resume")

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from metamm_cli.algorithms import build_algorithm
 from metamm_cli.algorithms.maml import maml_loss_loop
 from metamm_cli.data.episodes import EpisodeSampler
-from metamm_cli.train import autocast_for, resolve_device
+from metamm_cli.device import autocast_for, resolve_device
 
 
 def measure(step, device, repeats):

@@ -3,7 +3,6 @@ multirun, resume, data, help, user experiment folders, TensorBoard output."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from conftest import SMOKE, run_dir_of, run_metamm

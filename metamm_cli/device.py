@@ -1,0 +1,43 @@
+"""Where and how a run computes: the device, mixed precision, seeding."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from metamm_cli import ConfigError
+
+
+def enum_name(value: Any) -> str:
+    """An enum config value (Device.cpu) or a plain string, as its string."""
+    return value.value if hasattr(value, "value") else str(value)
+
+
+def resolve_device(device: Any) -> torch.device:
+    name = enum_name(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda: no CUDA device is available here; use auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer.device={name}: must be one of auto, cpu, cuda")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: Any):
+    """A factory of autocast contexts: bf16 or fp16 mixed precision, or none."""
+    name = enum_name(amp)
+    if name == "none":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type,
+                             dtype=torch.bfloat16 if name == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
