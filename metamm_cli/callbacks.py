@@ -19,7 +19,8 @@ def summarize_sweep(sweep_dir: Path) -> Dict[str, Any]:
     jobs: List[Dict[str, Any]] = []
     for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
         job = metrics_file.parent
-        overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml") if (job / ".hydra" / "overrides.yaml").is_file() else []
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
         metrics = json.loads(metrics_file.read_text())
         jobs.append({"job": job.name, "overrides": list(overrides), **{
             k: metrics.get(k) for k in ("val_acc", "val_acc_ci95", "best_val_acc", "step", "episodes_per_s")}})
@@ -33,7 +34,7 @@ def summarize_sweep(sweep_dir: Path) -> Dict[str, Any]:
     lines = ["| setting | runs | val acc (mean ± std over seeds) |", "|---|---|---|"]
     lines += [f"| {s['setting']} | {s['runs']} | {s['val_acc_mean']:.2f} ± {s['val_acc_std']:.2f} |"
               for s in settings]
-    summary = {"sweep_dir": str(sweep_dir), "settings": settings, "jobs": jobs}
+    summary = {"sweep_dir": str(sweep_dir), "settings": settings, "jobs": jobs, "table": lines}
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
@@ -46,5 +47,4 @@ class SweepSummary(Callback):
             return
         summary = summarize_sweep(sweep_dir)
         if summary["jobs"]:
-            log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md",
-                     (sweep_dir / "summary.md").read_text().rstrip())
+            log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", "\n".join(summary["table"]))

@@ -56,7 +56,7 @@ def _train_task(cfg) -> Optional[float]:
     return train(cfg)["val_acc"]
 
 
-def _eval_task(cfg) -> float:
+def _eval_task(cfg, state=None) -> float:
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
@@ -64,7 +64,8 @@ def _eval_task(cfg) -> float:
     from metamm_cli.evaluate import evaluate_checkpoint
 
     hc = HydraConfig.get()
-    return evaluate_checkpoint(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir))["accuracy"]
+    return evaluate_checkpoint(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir),
+                               state)["accuracy"]
 
 
 def cmd_train(argv: List[str]) -> int:
@@ -97,11 +98,11 @@ def cmd_eval(argv: List[str]) -> int:
         raise ConfigError("--ckpt is required: metamm eval --ckpt PATH [key=value ...]")
     from metamm_cli.checkpoint import load_checkpoint
 
-    if ckpt != "null":
-        load_checkpoint(ckpt, prefer="best.pt")  # fail fast, before Hydra makes an output folder
+    # Load once, here: a bad file fails before Hydra makes an output folder.
+    state = load_checkpoint(ckpt, prefer="best.pt") if ckpt != "null" else None
     # Hydra's grammar would read characters such as '=' or ',' in a path: quote it.
     quoted = "'" + ckpt.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    _hydra_app("eval", _eval_task, out + [f"+ckpt={quoted}"], "metamm eval")
+    _hydra_app("eval", lambda cfg: _eval_task(cfg, state), out + [f"+ckpt={quoted}"], "metamm eval")
     return 0
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -63,9 +63,11 @@ def apply_overrides(stored: dict, cfg: DictConfig, overrides: list) -> DictConfi
     return merged
 
 
-def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path) -> Dict:
-    """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes."""
-    state = load_checkpoint(cfg.ckpt, prefer="best.pt")
+def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
+                        state: Optional[Dict] = None) -> Dict:
+    """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes.
+    ``state`` is the already-loaded checkpoint, if the caller has it."""
+    state = state or load_checkpoint(cfg.ckpt, prefer="best.pt")
     if "config" not in state or "model" not in state:
         raise ConfigError(f"--ckpt {state['path']}: checkpoint lacks its config or weights")
     run_cfg = apply_overrides(state["config"], cfg, overrides)

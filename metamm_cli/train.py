@@ -108,7 +108,10 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        train_sampler.generator.set_state(state["rng"]["sampler"])
+        try:
+            train_sampler.generator.set_state(state["rng"]["sampler"])
+        except RuntimeError:  # a CUDA generator's state does not fit a CPU one (or back)
+            log.warning("resuming on another device: episodes will differ from an uninterrupted run")
         random.setstate(state["rng"]["python"])
         log.info(f"resumed from {state['path']} at step {step}")
 

@@ -71,3 +71,16 @@ def test_mixed_precision_trains(tmp_path, amp, algorithm):
                     run_dir=tmp_path)
     assert metrics["step"] == 2 and 0 <= metrics["val_acc"] <= 100
     assert metrics["train_loss"] is not None and metrics["train_loss"] == metrics["train_loss"]  # not NaN
+
+
+def test_resume_with_a_foreign_sampler_state_warns(tmp_path, caplog):
+    """A checkpoint from another device carries a generator state that does not fit this one."""
+    from metamm_cli.checkpoint import load_checkpoint, save_checkpoint
+    train(compose_cfg(FAST + ["trainer.max_steps=2", "trainer.val_every=2"]), run_dir=tmp_path / "a")
+    state = load_checkpoint(tmp_path / "a")
+    state["rng"]["sampler"] = torch.zeros(16, dtype=torch.uint8)  # e.g. a CUDA generator's state
+    save_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt", {k: v for k, v in state.items()
+                                                                 if k not in ("format", "version", "path")})
+    metrics = train(compose_cfg(FAST + ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'a'}"]),
+                    run_dir=tmp_path / "b")
+    assert metrics["step"] == 4 and "another device" in caplog.text

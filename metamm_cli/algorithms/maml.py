@@ -28,7 +28,7 @@ class BatchStatNorm(nn.Module):
     """BatchNorm that always normalises with the statistics of the batch at hand, in plain tensor
     ops. It replaces ``nn.BatchNorm*`` under MAML: torch's vmap batching rule for the native
     batch_norm gives a wrong second-order gradient (float64: 1e-2 off a per-task loop, while this
-    matches it to 1e-15; tests/test_maml.py checks it)."""
+    matches it to 1e-15; tests/test_algorithms.py checks it)."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
