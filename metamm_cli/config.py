@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -67,6 +67,16 @@ class EvalConfig:
     episodes: int = 600
     tasks_per_batch: int = 50
     seed: int = 0
+    missing_sweep: Optional[List[float]] = None  # rates: accuracy per modality missing at each rate
+    episodes_file: Optional[str] = None  # JSON of fixed episodes (metamm_cli/fixed_episodes.py)
+
+
+@dataclass
+class MissingConfig:
+    """Per-modality probability that a sample of an episode lacks the modality (drawn per
+    episode): ``train`` while training, ``test`` for validation and evaluation."""
+    train: Dict[str, float] = field(default_factory=dict)
+    test: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,11 +91,15 @@ class TrainConfig:
     algorithm: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    missing: MissingConfig = field(default_factory=MissingConfig)
 
 
 def register_schemas() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
+    node = OmegaConf.structured(TrainConfig)
+    for phase in ("train", "test"):  # missing.train.audio=0.3 adds a key without a '+'
+        OmegaConf.set_struct(node.missing[phase], False)
+    cs.store(name="train_schema", node=node)
 
 
 def config_dir() -> str:
@@ -121,6 +135,13 @@ def check_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={value} is out of range: must be {allowed}")
+    for phase in ("train", "test"):
+        for m, p in (OmegaConf.select(cfg, f"missing.{phase}") or {}).items():
+            if not 0 <= p <= 1:
+                raise ConfigError(f"missing.{phase}.{m}={p} is out of range: must be in [0, 1]")
+    for p in OmegaConf.select(cfg, "eval.missing_sweep") or []:
+        if not 0 <= p <= 1:
+            raise ConfigError(f"eval.missing_sweep: {p} is out of range: rates must be in [0, 1]")
     for group in ("dataset", "fusion", "algorithm"):
         node = cfg.get(group)
         if not isinstance(node, DictConfig) or "_target_" not in node:

@@ -17,7 +17,7 @@ from metamm_cli import ConfigError
 from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm
 from metamm_cli.checkpoint import load_checkpoint
 from metamm_cli.config import TrainConfig, check_ranges
-from metamm_cli.data.episodes import EpisodeSampler
+from metamm_cli.data.episodes import EpisodeSampler, build_sampler
 from metamm_cli.device import autocast_for, enum_name, resolve_device
 
 log = logging.getLogger("metamm")
@@ -46,6 +46,26 @@ def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_
             accs.append(accuracy(logits, episode.query_labels))
     algo.train(was_training)
     return mean_ci95(torch.cat(accs))
+
+
+def missing_sweep(algo: MetaAlgorithm, cfg: DictConfig, dataset, split: str, device,
+                  autocast=contextlib.nullcontext) -> Dict[str, list]:
+    """``eval.missing_sweep``: accuracy with one modality missing at each rate, the others
+    present, on the same episodes (same seed) for every point; printed as a table."""
+    V, rates = cfg.eval, [float(r) for r in cfg.eval.missing_sweep]
+    curves = {}
+    for m in dataset.modalities:
+        curves[m] = []
+        for r in rates:
+            sampler = build_sampler(cfg, dataset, split, device, V.tasks_per_batch, V.seed, {m: r})
+            curves[m].append({"rate": r, **evaluate(algo, sampler, V.episodes, V.tasks_per_batch,
+                                                     autocast)})
+    print(f"accuracy with one modality missing at each rate (95% CI, {V.episodes} episodes each):")
+    print("rate    " + "".join(f"{m:>16}" for m in curves))
+    for i, r in enumerate(rates):
+        print(f"{r:<8.2f}" + "".join(f"{c[i]['accuracy']:>9.2f} +- {c[i]['ci95']:<4.2f}"
+                                     for c in curves.values()))
+    return curves
 
 
 def apply_overrides(stored: dict, cfg: DictConfig, overrides: list) -> DictConfig:
@@ -82,11 +102,20 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
                           f"overridden config (was an encoder, fusion or algorithm key changed?)") from e
     E, V = run_cfg.episode, run_cfg.eval
     split = enum_name(V.split)
-    sampler = EpisodeSampler(dataset.split(split, device), E.way, E.shot, E.query,
-                             V.tasks_per_batch, seed=V.seed, split_name=split)
-    result = evaluate(algo, sampler, V.episodes, V.tasks_per_batch,
-                      autocast_for(device, run_cfg.trainer.amp))
-    report = {**result, "split": split, "ckpt": state["path"], "step": state.get("step"),
+    autocast = autocast_for(device, run_cfg.trainer.amp)
+    extra = {}
+    if V.episodes_file:  # fixed episodes from a JSON file instead of sampled ones
+        from metamm_cli.fixed_episodes import evaluate_episodes_file
+
+        accs = evaluate_episodes_file(algo, dataset, V.episodes_file, device, autocast)
+        result, split = mean_ci95(accs), f"episodes_file {V.episodes_file}"
+        extra["episode_accuracies"] = accs.tolist()
+    else:
+        sampler = build_sampler(run_cfg, dataset, split, device, V.tasks_per_batch, V.seed)
+        result = evaluate(algo, sampler, V.episodes, V.tasks_per_batch, autocast)
+        if V.missing_sweep:
+            extra["missing_sweep"] = missing_sweep(algo, run_cfg, dataset, split, device, autocast)
+    report = {**result, "split": split, "ckpt": state["path"], "step": state.get("step"), **extra,
               "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))

@@ -20,7 +20,7 @@ from metamm_cli import ConfigError
 from metamm_cli.algorithms import accuracy, build_algorithm
 from metamm_cli.checkpoint import load_checkpoint, save_checkpoint
 from metamm_cli.config import check_ranges
-from metamm_cli.data.episodes import EpisodeSampler
+from metamm_cli.data.episodes import build_sampler
 from metamm_cli.device import autocast_for, enum_name, resolve_device, seed_everything
 from metamm_cli.evaluate import evaluate
 
@@ -83,11 +83,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     resume_path = find_resume(cfg, run_dir)
 
     dataset = instantiate(cfg.dataset, _convert_="all")
-    train_sampler = EpisodeSampler(dataset.split("train", device), E.way, E.shot, E.query,
-                                   T.meta_batch, seed=cfg.seed, split_name="train")
+    train_sampler = build_sampler(cfg, dataset, "train", device, T.meta_batch, cfg.seed)
     val_tasks = min(T.val_episodes, cfg.eval.tasks_per_batch)
-    val_sampler = EpisodeSampler(dataset.split("val", device), E.way, E.shot, E.query,
-                                 val_tasks, seed=cfg.seed + 1, split_name="val")
+    val_sampler = build_sampler(cfg, dataset, "val", device, val_tasks, cfg.seed + 1)
     algo = build_algorithm(cfg, dataset).to(device)
     optimizer = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad],
                                  lr=T.lr, weight_decay=T.weight_decay)

@@ -33,6 +33,12 @@ class MultimodalDataset:
     def build_split(self, split: str) -> SplitData:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def decode(self, modality: str, path: str) -> torch.Tensor:
+        """One file -> the tensor of ``modality`` for one sample, with this dataset's
+        preprocessing (shape and dtype as stored in its splits); used by fixed-episode evaluation."""
+        raise ConfigError(f"dataset {self.name} cannot decode files ({path}); fixed-episode "
+                          f"evaluation needs a dataset that reads files")
+
     def split(self, split: str, device: torch.device | str = "cpu") -> SplitData:
         if split not in SPLITS:
             raise ConfigError(f"split={split}: must be one of {list(SPLITS)}")

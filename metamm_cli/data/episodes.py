@@ -1,13 +1,15 @@
 """The data contract: a split of per-modality tensors, and batched episodes sampled on its device."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
 from metamm_cli import ConfigError
 
+log = logging.getLogger("metamm")
 
 @dataclass(frozen=True)
 class ModalitySpec:
@@ -78,15 +80,25 @@ class Episode:
 class EpisodeSampler:
     """Draws ``tasks`` N-way K-shot episodes at once with index arithmetic on the split's device.
 
-    Classes with fewer than ``shot + query`` samples are never drawn; an impossible request
-    fails at construction with the key to change.
+    Classes with fewer than ``shot + query`` samples are never drawn (one warning counts them);
+    an impossible request fails at construction with the key to change.
+
+    ``missing`` maps a modality to the probability that a sample of an episode lacks it: a fresh
+    presence mask is drawn per episode with the sampler's generator (modality dropout), never
+    removing a sample's last present modality; a dropped modality's data is zeroed. uint8
+    modalities (images held as bytes) become float32 in [0, 1] here, so encoders see floats.
     """
 
     def __init__(self, split: SplitData, way: int, shot: int, query: int, tasks: int,
-                 seed: int = 0, split_name: str = "train"):
+                 seed: int = 0, split_name: str = "train",
+                 missing: Optional[Mapping[str, float]] = None):
         counts = split.class_counts()
         need = shot + query
         self.eligible = torch.nonzero(counts >= need).flatten()
+        short = split.num_classes - len(self.eligible)
+        if short and len(self.eligible) >= way:
+            log.warning(f"{short} of {split.num_classes} classes of the {split_name} split have "
+                        f"fewer than episode.shot+episode.query={need} samples: skipped")
         if way > split.num_classes:
             raise ConfigError(f"episode.way={way} is impossible: the {split_name} split has "
                               f"{split.num_classes} classes")
@@ -106,6 +118,18 @@ class EpisodeSampler:
         self.pad = col[None] >= counts[:, None]  # [C, max_n]
         self.generator = torch.Generator(device=device)
         self.seed = seed
+        names = list(split.data)
+        missing = dict(missing or {})
+        unknown = [m for m in missing if m not in names]
+        if unknown:
+            raise ConfigError(f"missing.{'train' if split_name == 'train' else 'test'}.{unknown[0]}: "
+                              f"not a modality of the dataset; choose among {names}")
+        for m, p in missing.items():
+            if not 0 <= float(p) <= 1:
+                raise ConfigError(f"missing.*.{m}={p}: a probability, must be in [0, 1]")
+        self.missing = {m: float(missing.get(m, 0.0)) for m in names}
+        self.rates = torch.tensor([self.missing[m] for m in names], device=device)
+        self.dropping = any(p > 0 for p in self.missing.values())
         self.reset()
 
     def reset(self, seed: Optional[int] = None) -> None:
@@ -121,14 +145,66 @@ class EpisodeSampler:
         pick = keys.argsort(dim=-1)[..., : K + Q]  # [T, N, K+Q]
         idx = torch.gather(self.table[classes], 2, pick)
         labels = torch.arange(N, device=device)
-        s_idx, q_idx = idx[..., :K].reshape(T, N * K), idx[..., K:].reshape(T, N * Q)
         d = self.split
+        present = d.present[idx]  # [T, N, K+Q, M]
+        # drawn even at rate 0, so the episodes, and the masks across rates (nested), do not
+        # depend on the rates: runs at different rates compare on the same episodes
+        noise = torch.rand(T, N, K + Q, 2 * len(self.rates), generator=g, device=device)
+        if self.dropping:
+            present = drop_modalities(present, self.rates, noise)
+        s_idx, q_idx = idx[..., :K].reshape(T, N * K), idx[..., K:].reshape(T, N * Q)
+        s_pre, q_pre = present[:, :, :K].reshape(T, N * K, -1), present[:, :, K:].reshape(T, N * Q, -1)
         return Episode(
-            support={m: x[s_idx] for m, x in d.data.items()},
-            support_present=d.present[s_idx],
+            support=gather_modalities(d.data, s_idx, s_pre if self.dropping else None),
+            support_present=s_pre,
             support_labels=labels.repeat_interleave(K).expand(T, -1),
-            query={m: x[q_idx] for m, x in d.data.items()},
-            query_present=d.present[q_idx],
+            query=gather_modalities(d.data, q_idx, q_pre if self.dropping else None),
+            query_present=q_pre,
             query_labels=labels.repeat_interleave(Q).expand(T, -1),
             classes=classes,
         )
+
+
+def drop_modalities(present: torch.Tensor, rates: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``present`` [..., M] with modality ``m`` removed with probability ``rates[m]``, never a
+    sample's last present one (a sample that would lose all keeps one of its own at random).
+    ``noise`` [..., 2M] uniform: the first M decide the drops, the last M pick the survivor."""
+    M = rates.shape[0]
+    kept = present & (noise[..., :M] >= rates)
+    empty = present.any(-1) & ~kept.any(-1)
+    survivor = noise[..., M:].masked_fill(~present, -1.0).argmax(-1, keepdim=True)
+    rescue = torch.zeros_like(kept).scatter_(-1, survivor, True) & empty[..., None]
+    return kept | rescue
+
+
+def gather_modalities(data: Dict[str, torch.Tensor], idx: torch.Tensor,
+                      present: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """``data[m][idx]`` per modality; uint8 becomes float32 / 255; absent entries are zeroed."""
+    out = {}
+    for i, (m, x) in enumerate(data.items()):
+        y = x[idx]
+        if y.dtype == torch.uint8:
+            y = y.float().div_(255)
+        if present is not None:
+            mask = present[..., i].reshape(present.shape[:-1] + (1,) * (y.dim() - present.dim() + 1))
+            y = y * mask if y.is_floating_point() else y.masked_fill(~mask, 0)
+        out[m] = y
+    return out
+
+
+def missing_rates(cfg, split: str) -> Dict[str, float]:
+    """``missing.train`` for the train split, ``missing.test`` for validation and test."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.select(cfg, f"missing.{'train' if split == 'train' else 'test'}", default=None)
+    return dict(OmegaConf.to_container(node)) if node is not None else {}
+
+
+def build_sampler(cfg, dataset, split: str, device, tasks: int, seed: int,
+                  missing: Optional[Mapping[str, float]] = None) -> EpisodeSampler:
+    """The sampler of ``split`` for ``cfg.episode``, with the missing-modality rates of the
+    config (:func:`missing_rates`) unless ``missing`` is given."""
+    E = cfg.episode
+    return EpisodeSampler(dataset.split(split, device), E.way, E.shot, E.query, tasks, seed=seed,
+                          split_name=split,
+                          missing=missing_rates(cfg, split) if missing is None else missing)

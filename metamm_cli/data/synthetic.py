@@ -4,7 +4,8 @@ A class is a triple of latent codes ``(i, j, k)``: the image draws glyph ``i`` (
 strokes, randomly rotated, scaled and shifted per sample, plus pixel noise), the audio-like
 signal plays chord ``j`` (three enveloped sinusoids, randomly delayed and scaled, plus noise)
 and the token sequence spells word ``k`` (random tokens replaced with probability
-``noise.tokens``). With ``codes[split]`` codes per factor a split has ``codes**3`` classes, so
+``noise.tokens``). Missing modalities are drawn per episode by the sampler (``missing.*``).
+With ``codes[split]`` codes per factor a split has ``codes**3`` classes, so
 any one modality alone sees only one factor and confuses every class that shares it: in a 5-way
 task drawn with 10 codes per factor, some two classes share the glyph in ~70% of tasks
 (1 - 10*9*8*7*6 / 10**5), whereas the three modalities together name the class. Codes (glyphs, chords, words) are disjoint across
@@ -64,8 +65,10 @@ class SyntheticMultimodal(MultimodalDataset):
         super().__init__(modalities)
         self.codes = dict(codes or {"train": 10, "val": 6, "test": 8})
         self.noise = {"image": 0.5, "audio": 0.5, "tokens": 0.2, **(noise or {})}
-        self.missing = {m: 0.0 for m in self.all_modalities} | dict(missing or {})
-        for key, table in (("codes", self.codes), ("noise", self.noise), ("missing", self.missing)):
+        if missing:
+            raise ConfigError("dataset.missing was replaced by missing.train.<modality> / "
+                              "missing.test.<modality> (drawn per episode), e.g. missing.train.image=0.5")
+        for key, table in (("codes", self.codes), ("noise", self.noise)):
             allowed = SPLITS if key == "codes" else tuple(self.all_modalities)
             if set(table) - set(allowed):
                 raise ConfigError(f"dataset.{key}: keys must be among {list(allowed)}, got {list(table)}")
@@ -74,8 +77,6 @@ class SyntheticMultimodal(MultimodalDataset):
         if samples_per_class < 2 or image_size < 8 or audio_length < 16 or token_length < 1 or vocab < 2:
             raise ConfigError("dataset: samples_per_class >= 2, image_size >= 8, audio_length >= 16, "
                               "token_length >= 1 and vocab >= 2 are required")
-        if not all(0 <= p < 1 for p in self.missing.values()):
-            raise ConfigError(f"dataset.missing={self.missing}: probabilities must be in [0, 1)")
         self.samples_per_class, self.seed = samples_per_class, seed
         self.image_size, self.audio_length, self.token_length, self.vocab = (
             image_size, audio_length, token_length, vocab)
@@ -114,12 +115,9 @@ class SyntheticMultimodal(MultimodalDataset):
         tokens = self.templates["tokens"][factor["tokens"] + offset]
         flip = torch.rand(tokens.shape, generator=g) < self.noise["tokens"]
         data["tokens"] = torch.where(flip, torch.randint(self.vocab, tokens.shape, generator=g), tokens)
-
-        names = list(self.all_modalities)
-        drop = torch.rand(S, len(names), generator=g) < torch.tensor([self.missing[m] for m in names])
-        present = ~drop
-        empty = ~present.any(1)  # keep one modality of a sample that lost all
-        present[empty, torch.randint(len(names), (int(empty.sum()),), generator=g)] = True
-        for i, m in enumerate(names):
-            data[m][~present[:, i]] = 0
+        present = torch.ones(S, len(self.all_modalities), dtype=torch.bool)
         return SplitData(data, present, labels, C)
+
+    def decode(self, modality: str, path: str) -> torch.Tensor:
+        raise ConfigError(f"dataset synthetic cannot decode files ({path}): it is generated; "
+                          f"fixed-episode files need a dataset read from files (folder, omniglot, ...)")
