@@ -1,0 +1,69 @@
+"""Decode once, then load the decoded arrays from a cache folder.
+
+An entry is one ``torch.save`` file of a dict (tensors, lists of names) whose file name is a
+hash of the source files (name, size, modification time) and of the preprocessing settings,
+so editing a source file or changing a setting (image size, mel bins, ...) makes a new entry.
+Writes are atomic (a temporary file renamed into place), so an interrupted or concurrent run
+never leaves a half-written entry. Folder: ``cache_dir`` (the dataset key ``dataset.cache_dir``),
+else ``$METAMM_CACHE``, else ``~/.cache/metamm``; ``dataset.cache=false`` turns caching off.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+
+log = logging.getLogger("metamm")
+
+FORMAT = 1  # bump when the layout of cached entries changes
+
+
+def cache_dir(explicit: Optional[str] = None) -> Path:
+    """The cache folder: ``explicit``, else ``$METAMM_CACHE``, else ``~/.cache/metamm``."""
+    path = explicit or os.environ.get("METAMM_CACHE") or Path.home() / ".cache" / "metamm"
+    return Path(path).expanduser()
+
+
+def fingerprint(files: Iterable[Path], settings: Dict[str, Any]) -> str:
+    """A hex digest of the files' names, sizes and mtimes (not their contents: stat is fast)
+    and of ``settings`` (JSON-serialisable)."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT, **settings}, sort_keys=True, default=str).encode())
+    for f in sorted(Path(p) for p in files):
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def cached(name: str, files: Iterable[Path], settings: Dict[str, Any],
+           build: Callable[[], Dict[str, Any]], folder: Optional[str] = None,
+           enabled: bool = True) -> Dict[str, Any]:
+    """``build()``'s result, from ``<folder>/<name>-<fingerprint>.pt`` when present, else built
+    and stored there (a failure to write the cache only logs a warning)."""
+    if not enabled:
+        return build()
+    path = cache_dir(folder) / f"{name}-{fingerprint(files, settings)}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # a damaged entry is rebuilt, never fatal
+            log.warning(f"cache entry {path} unreadable ({type(e).__name__}): rebuilding it")
+    value = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(value, fh)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        log.warning(f"could not write the data cache {path} ({e}); set dataset.cache_dir or METAMM_CACHE")
+    return value

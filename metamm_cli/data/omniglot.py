@@ -1,0 +1,240 @@
+"""Omniglot (Lake, Salakhutdinov & Tenenbaum, "Human-level concept learning through
+probabilistic program induction", Science 2015): 1623 handwritten characters of 50 alphabets,
+20 drawings each, read from the original ``images_background.zip`` / ``images_evaluation.zip``
+(or the folders they extract to) under ``root``.
+
+Protocols (``split``):
+
+- ``vinyals`` (Vinyals et al. 2016, "Matching Networks"; Snell et al. 2017): the 1028 / 172 / 423
+  character lists shipped in ``metamm_cli/data/splits/`` (torchmeta's copy, MIT), images resized
+  to ``image_size`` (28, antialiased), and rotations by 90/180/270 degrees as new classes:
+  4112 / 688 / 1692 classes of 20 drawings.
+- ``lake`` (Lake et al. 2015): the 30 background alphabets for training, less the
+  ``val_alphabets`` held out for validation (default: the 5 alphabets of the Vinyals validation
+  split, 172 characters), the 20 evaluation alphabets (659 characters) for test; no rotations.
+
+Images are held as uint8 (1 byte per pixel, strokes bright on black: ``invert``) and become
+float32 in [0, 1] in the sampler's gather. Decoding 32,460 PNGs takes seconds once; the arrays
+are cached (:mod:`metamm_cli.data.cache`). ``download=true`` fetches missing zips from the
+dataset's home (github brendenlake/omniglot) and checks the original MD5 checksums.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import urllib.request
+import zipfile
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from metamm_cli import ConfigError
+from metamm_cli.data.base import MultimodalDataset
+from metamm_cli.data.cache import cached
+from metamm_cli.data.decode import decode_image
+from metamm_cli.data.episodes import ModalitySpec, SplitData
+
+log = logging.getLogger("metamm")
+
+ARCHIVES = ("images_background", "images_evaluation")
+URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
+       "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
+VINYALS_VAL = ["Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"]
+_ENTRY = re.compile(r"^(?:.*/)?(?P<top>[^/]+)/(?P<alpha>[^/]+)/(?P<char>character\d+)/(?P<stem>\d{4}_\d{2})\.(?P<ext>png|txt)$")
+
+
+class Archive:
+    """The files ``<top>/<Alphabet>/characterNN/NNNN_DD.<ext>`` of one Omniglot zip or folder:
+    ``entries`` maps ``(alphabet, character)`` to sorted ``[(stem, member)]``."""
+
+    def __init__(self, path: Path, top: str, ext: str = "png"):
+        self.path, self.top, self.ext = path, top, ext
+        self.entries: Dict[Tuple[str, str], List[Tuple[str, str]]] = {}
+        if path.is_dir():
+            names = [str(p.relative_to(path.parent)) for p in path.rglob(f"*.{ext}")]
+            self.zip = None
+        else:
+            try:
+                self.zip = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ConfigError(f"{path}: not a readable zip file ({type(e).__name__})") from None
+            names = self.zip.namelist()
+        for name in names:
+            if name.startswith("__MACOSX"):
+                continue
+            m = _ENTRY.match(name.replace(os.sep, "/"))
+            if m and m["ext"] == ext:
+                self.entries.setdefault((m["alpha"], m["char"]), []).append((m["stem"], name))
+        if not self.entries:
+            raise ConfigError(f"{path}: not an Omniglot {top} archive (expected files "
+                              f"{top}/<Alphabet>/characterNN/NNNN_DD.{ext})")
+        for v in self.entries.values():
+            v.sort()
+
+    def read(self, member: str) -> bytes:
+        if self.zip is not None:
+            return self.zip.read(member)
+        return (self.path.parent / member).read_bytes()
+
+    def source_files(self) -> List[Path]:
+        if self.zip is not None:
+            return [self.path]
+        return [self.path.parent / m for v in self.entries.values() for _, m in v]
+
+
+def find_archive(root: Path, top: str) -> Optional[Path]:
+    """``root/<top>`` (extracted folder) or ``root/<top>.zip``, whichever exists."""
+    for p in (root / top, root / f"{top}.zip"):
+        if p.exists():
+            return p
+    return None
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_file(url: str, dest: Path, md5: Optional[str]) -> None:
+    """``url`` -> ``dest`` (atomic), checked against ``md5`` when given."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    os.close(fd)
+    try:
+        log.info(f"downloading {url} -> {dest}")
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"dataset.download: could not fetch {url} ({e})") from None
+        got = md5sum(Path(tmp))
+        if md5 and got != md5:
+            raise ConfigError(f"dataset.download: {url} has MD5 {got}, expected {md5}; "
+                              f"file discarded")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def vinyals_lists() -> Dict[str, Dict[str, Dict[str, List[str]]]]:
+    """The shipped Vinyals split: ``{split: {background|evaluation: {alphabet: [characterNN]}}}``."""
+    base = resources.files("metamm_cli.data") / "splits"
+    return {s: json.loads((base / f"vinyals_{s}.json").read_text()) for s in ("train", "val", "test")}
+
+
+class Omniglot(MultimodalDataset):
+    name = "omniglot"
+
+    def __init__(self, root: str, split: str = "vinyals", image_size: int = 28,
+                 rotations: Optional[Sequence[int]] = None, val_alphabets: Optional[Sequence[str]] = None,
+                 invert: bool = True, download: bool = False, url: str = URL,
+                 md5: Optional[Mapping[str, str]] = None, cache: bool = True,
+                 cache_dir: Optional[str] = None, modalities: Optional[Sequence[str]] = None):
+        self.all_modalities = {"image": ModalitySpec((1, image_size, image_size), torch.float32, "image")}
+        super().__init__(modalities)
+        if split not in ("vinyals", "lake"):
+            raise ConfigError(f"dataset.split={split}: must be 'vinyals' (Vinyals et al. 2016: "
+                              f"1028/172/423 characters x 4 rotations) or 'lake' (background/evaluation alphabets)")
+        if not 8 <= image_size <= 105:
+            raise ConfigError(f"dataset.image_size={image_size}: must be in [8, 105]")
+        rotations = list(rotations if rotations is not None else ([0, 90, 180, 270] if split == "vinyals" else [0]))
+        if not rotations or any(r not in (0, 90, 180, 270) for r in rotations) or len(set(rotations)) != len(rotations):
+            raise ConfigError(f"dataset.rotations={rotations}: distinct values among 0, 90, 180, 270")
+        self.root, self.split_name, self.image_size = Path(str(root)).expanduser(), split, image_size
+        self.rotations, self.invert = rotations, invert
+        self.val_alphabets = list(val_alphabets if val_alphabets is not None else VINYALS_VAL)
+        self.cache, self.cache_dir = cache, cache_dir
+        self.paths = {}
+        for top in ARCHIVES:
+            path = find_archive(self.root, top)
+            if path is None and download:
+                path = self.root / f"{top}.zip"
+                download_md5 = dict(MD5, **(md5 or {})).get(top)
+                fetch_file(f"{url.rstrip('/')}/{top}.zip", path, download_md5)
+            if path is None:
+                raise ConfigError(
+                    f"dataset.root={root}: {top}.zip (or its extracted folder {top}/) not found; put "
+                    f"Omniglot's images_background.zip and images_evaluation.zip (github "
+                    f"brendenlake/omniglot, python/) there, or set dataset.download=true")
+            self.paths[top] = path
+        self._decoded: Dict[str, dict] = {}
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self, modality: str, path: str) -> torch.Tensor:
+        if modality != "image":
+            raise ConfigError(f"dataset omniglot has no modality '{modality}' (only image)")
+        return decode_image(path, self.image_size, 1, invert=self.invert)
+
+    def archive(self, top: str) -> dict:
+        """``{"images": uint8 [n, 1, s, s], "keys": ["alphabet/characterNN/NNNN_DD", ...]}``."""
+        if top not in self._decoded:
+            arc = Archive(self.paths[top], top)
+            settings = {"kind": "omniglot-images", "top": top, "size": self.image_size, "invert": self.invert}
+
+            def build():
+                keys, images = [], []
+                for (alpha, char), members in sorted(arc.entries.items()):
+                    for stem, member in members:
+                        images.append(decode_image(arc.read(member), self.image_size, 1,
+                                                   invert=self.invert, name=f"{arc.path}:{member}"))
+                        keys.append(f"{alpha}/{char}/{stem}")
+                return {"images": torch.stack(images), "keys": keys}
+
+            self._decoded[top] = cached(f"omniglot-{top}", arc.source_files(), settings, build,
+                                        self.cache_dir, self.cache)
+        return self._decoded[top]
+
+    # -- splits -----------------------------------------------------------------------------
+    def characters(self, split: str) -> List[Tuple[str, str, str]]:
+        """The ``(archive, alphabet, characterNN)`` of a split, in a fixed order."""
+        if self.split_name == "vinyals":
+            lists = vinyals_lists()[split]
+            return [(f"images_{part}", a, c) for part in ("background", "evaluation")
+                    for a in sorted(lists.get(part, {})) for c in lists[part][a]]
+        if split == "test":
+            arc = self.archive("images_evaluation")
+            return sorted({("images_evaluation",) + tuple(k.split("/")[:2]) for k in arc["keys"]})
+        arc = self.archive("images_background")
+        alphabets = sorted({k.split("/")[0] for k in arc["keys"]})
+        unknown = [a for a in self.val_alphabets if a not in alphabets]
+        if unknown:
+            raise ConfigError(f"dataset.val_alphabets: {unknown} are not background alphabets; "
+                              f"choose among {alphabets}")
+        keep = set(self.val_alphabets) if split == "val" else set(alphabets) - set(self.val_alphabets)
+        return sorted({("images_background",) + tuple(k.split("/")[:2]) for k in arc["keys"]
+                       if k.split("/")[0] in keep})
+
+    def build_split(self, split: str) -> SplitData:
+        chars = self.characters(split)
+        index = {}
+        for top in {c[0] for c in chars}:
+            for i, k in enumerate(self.archive(top)["keys"]):
+                index.setdefault((top,) + tuple(k.split("/")[:2]), []).append(i)
+        images, labels = [], []
+        for c, (top, alpha, char) in enumerate(chars):
+            rows = index.get((top, alpha, char))
+            if not rows:
+                raise ConfigError(f"{self.paths[top]}: character {alpha}/{char} of the "
+                                  f"{self.split_name} {split} split is missing: not the full Omniglot")
+            x = self.archive(top)["images"][rows]
+            for r, rot in enumerate(self.rotations):
+                images.append(torch.rot90(x, rot // 90, dims=(-2, -1)) if rot else x)
+                labels.append(torch.full((len(rows),), c * len(self.rotations) + r))
+        images_t, labels_t = torch.cat(images), torch.cat(labels)
+        present = torch.ones(len(labels_t), 1, dtype=torch.bool)
+        return SplitData({"image": images_t.contiguous()}, present, labels_t,
+                         len(chars) * len(self.rotations))
+
+    def describe(self) -> str:
+        return (f"omniglot ({self.split_name} split, rotations {self.rotations}): image{list(self.all_modalities['image'].shape)} "
+                f"stored uint8, float32 in [0, 1] in episodes")
