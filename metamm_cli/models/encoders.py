@@ -87,3 +87,47 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class StrokesConv(nn.Module):
+    """Pen trajectories ``[L, 3]`` (x, y, pen state): the :class:`Conv1d` stack over time with
+    the three coordinates as channels (Ha & Eck 2018 use recurrent nets; a 1-D conv is the
+    cheap, order-aware alternative)."""
+
+    def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 64, depth: int = 4,
+                 kernel: int = 5):
+        super().__init__()
+        _need(spec, 2, "strokes_conv")
+        length, channels = spec.shape
+        self.conv = Conv1d(ModalitySpec((channels, length)), dim, hidden, depth, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(-1, -2))
+
+
+class StrokesGRU(nn.Module):
+    """Pen trajectories ``[L, 3]``: a GRU (Cho et al. 2014) over the point deltas
+    ``(dx, dy, pen)``, written as a loop of plain linear ops (no cuDNN kernel), so
+    ``torch.func.vmap`` and MAML's functional calls batch it over tasks; the hidden states are
+    mean-pooled over time, then projected to ``dim``."""
+
+    def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 64):
+        super().__init__()
+        _need(spec, 2, "strokes_gru")
+        self.hidden = hidden
+        self.inp = nn.Linear(spec.shape[1], 3 * hidden)
+        self.rec = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = torch.cat([x[..., :1, :2] * 0, x[..., 1:, :2] - x[..., :-1, :2]], dim=-2)
+        gates_x = self.inp(torch.cat([delta, x[..., 2:]], dim=-1))  # [B, L, 3H]
+        h = torch.zeros(x.shape[:-2] + (self.hidden,), dtype=gates_x.dtype, device=x.device)
+        total = torch.zeros_like(h)
+        for t in range(x.shape[-2]):
+            xr, xz, xn = gates_x[..., t, :].chunk(3, dim=-1)
+            hr, hz, hn = self.rec(h).chunk(3, dim=-1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+            total = total + h
+        return self.out(total / x.shape[-2])
