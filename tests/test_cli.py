@@ -124,7 +124,7 @@ def test_user_experiment_folder(tmp_path):
 
 def test_single_modality_and_missing(tmp_path):
     proc = run_metamm(["train", *SMOKE, "dataset.modalities=[audio]", "fusion=weighted",
-                       "dataset.missing={image: 0.5, audio: 0.3, tokens: 0.3}", "trainer.max_steps=2",
+                       "missing.train.audio=0.3", "trainer.max_steps=2",
                        "trainer.val_every=2"], tmp_path)
     assert "audio[1, 128]" in proc.stdout and "image[" not in proc.stdout
 

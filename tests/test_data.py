@@ -58,15 +58,12 @@ def test_each_modality_shows_one_latent_factor():
 
 def test_modality_subset_and_missing():
     ds = SyntheticMultimodal(modalities=["audio", "image"], samples_per_class=4,
-                             codes={"train": 3, "val": 2, "test": 2}, missing={"image": 0.5})
+                             codes={"train": 3, "val": 2, "test": 2})
     d = ds.split("train")
     assert list(d.data) == ["audio", "image"] and d.present.shape == (len(d.labels), 2)
-    share = d.present.float().mean(0)
-    assert share[0] == 1.0 and 0.3 < share[1] < 0.7
-    assert (d.data["image"][~d.present[:, 1]] == 0).all()
-    only_image = SyntheticMultimodal(modalities=["image"], samples_per_class=4, missing={"image": 0.5},
-                                     codes={"train": 3, "val": 2, "test": 2}).split("train")
-    assert only_image.present.all()  # samples with nothing left are dropped
+    assert d.present.all()  # missing modalities are drawn per episode (tests/test_missing.py)
+    with pytest.raises(ConfigError, match="missing.train.<modality>"):
+        SyntheticMultimodal(missing={"image": 0.5})
     with pytest.raises(ConfigError, match="dataset.modalities"):
         SyntheticMultimodal(modalities=["image", "image"])
 
