@@ -181,8 +181,9 @@ def gather_modalities(data: Dict[str, torch.Tensor], idx: torch.Tensor,
                       present: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """``data[m][idx]`` per modality; uint8 becomes float32 / 255; absent entries are zeroed."""
     out = {}
+    flat = idx.reshape(-1)
     for i, (m, x) in enumerate(data.items()):
-        y = x[idx]
+        y = x.index_select(0, flat).view(idx.shape + x.shape[1:])  # faster than x[idx] on CPU
         if y.dtype == torch.uint8:
             y = y.float().div_(255)
         if present is not None:
