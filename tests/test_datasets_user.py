@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import run_metamm
 from metamm_cli import ConfigError
 from metamm_cli.data.decode import decode_image
+from metamm_cli.data import episodes
 from metamm_cli.data.episodes import EpisodeSampler
 from metamm_cli.data.features import FeaturesDataset
 from metamm_cli.data.folder import FolderDataset
@@ -164,8 +165,10 @@ def test_short_classes_warn_once_and_refuse(tmp_path, caplog):
         for f in (root / "train" / "c0").glob(f"s{j}.*"):
             f.unlink()
     train = FolderDataset(str(root)).split("train")
+    episodes._WARNED.clear()
     with caplog.at_level("WARNING", logger="metamm"):
         EpisodeSampler(train, way=2, shot=1, query=2, tasks=1)
+        EpisodeSampler(train, way=2, shot=1, query=2, tasks=5, seed=1)  # e.g. a second sampler
     assert caplog.text.count("1 of 3 classes of the train split have fewer than") == 1
     with pytest.raises(ConfigError, match="episode.shot\\+episode.query=3 is impossible"):
         EpisodeSampler(train, way=3, shot=1, query=2, tasks=1)

@@ -10,6 +10,7 @@ import torch
 from metamm_cli import ConfigError
 
 log = logging.getLogger("metamm")
+_WARNED: set = set()
 
 @dataclass(frozen=True)
 class ModalitySpec:
@@ -96,7 +97,8 @@ class EpisodeSampler:
         need = shot + query
         self.eligible = torch.nonzero(counts >= need).flatten()
         short = split.num_classes - len(self.eligible)
-        if short and len(self.eligible) >= way:
+        if short and len(self.eligible) >= way and (split_name, need, short) not in _WARNED:
+            _WARNED.add((split_name, need, short))  # once per process, not per sampler
             log.warning(f"{short} of {split.num_classes} classes of the {split_name} split have "
                         f"fewer than episode.shot+episode.query={need} samples: skipped")
         if way > split.num_classes:
