@@ -13,7 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_metamm
+from hydra.utils import instantiate
+
+from conftest import compose_cfg, run_metamm
+from metamm_cli.algorithms import build_algorithm
 from metamm_cli import ConfigError
 from metamm_cli.data.decode import decode_image
 from metamm_cli.data import episodes
@@ -157,6 +160,13 @@ def test_features_with_and_without_split(tmp_path):
         FeaturesDataset(str(tmp_path / "h.npz"))
     with pytest.raises(ConfigError, match="cannot decode files"):
         ds.decode("vector", "x.npy")
+    # any array name gets an encoder with +encoder/vector@encoder.NAME=mlp
+    cfg = compose_cfg(["dataset=features", f"dataset.path={tmp_path / 'f.npz'}",
+                       "+encoder/vector@encoder.clip=mlp"])
+    model = build_algorithm(cfg, instantiate(cfg.dataset, _convert_="all")).model
+    ep = EpisodeSampler(train, way=3, shot=1, query=2, tasks=2).sample()
+    z = model({m: x.flatten(0, 1) for m, x in ep.query.items()}, ep.query_present.flatten(0, 1))
+    assert z.shape == (12, model.out_dim) and torch.isfinite(z).all()
 
 
 def test_short_classes_warn_once_and_refuse(tmp_path, caplog):

@@ -65,7 +65,7 @@ class SyntheticMultimodal(MultimodalDataset):
         super().__init__(modalities)
         self.codes = dict(codes or {"train": 10, "val": 6, "test": 8})
         self.noise = {"image": 0.5, "audio": 0.5, "tokens": 0.2, **(noise or {})}
-        if missing:
+        if any(missing.values()) if missing else False:  # zeros: a run stored before the change
             raise ConfigError("dataset.missing was replaced by missing.train.<modality> / "
                               "missing.test.<modality> (drawn per episode), e.g. missing.train.image=0.5")
         for key, table in (("codes", self.codes), ("noise", self.noise)):
