@@ -3,7 +3,6 @@ train split, corrupted and unknown files) and the `features` dataset (.npz with/
 on tiny files made here; a smoke run on a folder dataset through the real CLI."""
 from __future__ import annotations
 
-import json
 import math
 import wave
 from pathlib import Path
