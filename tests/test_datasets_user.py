@@ -1,6 +1,7 @@
 """The user's own data: the `folder` dataset (both layouts, masked modalities, vocabulary from the
 train split, corrupted and unknown files) and the `features` dataset (.npz with/without split),
-on tiny files made here; a smoke run on a folder dataset through the real CLI."""
+on tiny files made here; `metamm data` on them through the real CLI (training on a folder
+dataset: tests/test_fixed_episodes.py)."""
 from __future__ import annotations
 
 import math
