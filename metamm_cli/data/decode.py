@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import wave
+from functools import lru_cache
 from pathlib import Path
 from typing import List, Tuple, Union
 
@@ -99,6 +100,7 @@ def mel_to_hz(m):
     return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
 
 
+@lru_cache(maxsize=16)
 def mel_filterbank(n_mels: int, n_fft: int, rate: int, fmin: float = 0.0,
                    fmax: float | None = None) -> torch.Tensor:
     """``[n_mels, n_fft // 2 + 1]`` triangular filters, centres equally spaced on the HTK mel
@@ -123,7 +125,7 @@ def log_mel(wave_: torch.Tensor, rate: int, n_fft: int = 256, hop: int = 128, n_
         x = torch.nn.functional.pad(x, (0, n_fft // 2 + 1 - x.numel()))
     spec = torch.stft(x, n_fft, hop_length=hop, win_length=n_fft, window=torch.hann_window(n_fft),
                       center=True, pad_mode="reflect", return_complex=True).abs().pow(2)
-    mel = torch.log(mel_filterbank(n_mels, n_fft, rate, fmin, fmax) @ spec + LOG_EPS)
+    mel = torch.log(mel_filterbank(n_mels, n_fft, rate, fmin, fmax) @ spec + LOG_EPS)  # cached: do not modify
     mel = mel[:, :frames]
     if mel.shape[1] < frames:
         mel = torch.nn.functional.pad(mel, (0, frames - mel.shape[1]), value=math.log(LOG_EPS))
