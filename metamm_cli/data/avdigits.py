@@ -126,7 +126,12 @@ class AVDigits(MultimodalDataset):
             files = [r[3] for r in recs] + [self.mnist / f for fs in MNIST_FILES.values() for f in fs]
 
             def build():
-                audio = torch.stack([self.audio_features(*decode_wav(p)) for *_, p in recs])
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)  # thousands of tiny STFTs: threading only costs
+                try:
+                    audio = torch.stack([self.audio_features(*decode_wav(p)) for *_, p in recs])
+                finally:
+                    torch.set_num_threads(threads)
                 out = {"audio": audio, "digit": [r[0] for r in recs], "speaker": [r[1] for r in recs],
                        "index": [r[2] for r in recs]}
                 for part, (img, lab) in MNIST_FILES.items():
