@@ -220,16 +220,23 @@ class Omniglot(MultimodalDataset):
         for top in {c[0] for c in chars}:
             for i, k in enumerate(self.archive(top)["keys"]):
                 index.setdefault((top,) + tuple(k.split("/")[:2]), []).append(i)
-        images, labels = [], []
+        rows: Dict[str, List[int]] = {}
+        char_of: Dict[str, List[int]] = {}
         for c, (top, alpha, char) in enumerate(chars):
-            rows = index.get((top, alpha, char))
-            if not rows:
+            found = index.get((top, alpha, char))
+            if not found:
                 raise ConfigError(f"{self.paths[top]}: character {alpha}/{char} of the "
                                   f"{self.split_name} {split} split is missing: not the full Omniglot")
-            x = self.archive(top)["images"][rows]
+            rows.setdefault(top, []).extend(found)
+            char_of.setdefault(top, []).extend([c] * len(found))
+        R = len(self.rotations)
+        images, labels = [], []
+        for top in sorted(rows):
+            x = self.archive(top)["images"][torch.tensor(rows[top])]  # one gather per archive
+            c = torch.tensor(char_of[top])
             for r, rot in enumerate(self.rotations):
                 images.append(torch.rot90(x, rot // 90, dims=(-2, -1)) if rot else x)
-                labels.append(torch.full((len(rows),), c * len(self.rotations) + r))
+                labels.append(c * R + r)
         images_t, labels_t = torch.cat(images), torch.cat(labels)
         present = torch.ones(len(labels_t), 1, dtype=torch.bool)
         return SplitData({"image": images_t.contiguous()}, present, labels_t,
