@@ -217,7 +217,7 @@ class Omniglot(MultimodalDataset):
     def build_split(self, split: str) -> SplitData:
         chars = self.characters(split)
         index = {}
-        for top in {c[0] for c in chars}:
+        for top in sorted({c[0] for c in chars}):
             for i, k in enumerate(self.archive(top)["keys"]):
                 index.setdefault((top,) + tuple(k.split("/")[:2]), []).append(i)
         rows: Dict[str, List[int]] = {}
