@@ -8,6 +8,7 @@ temporary one); cached load = a new dataset object reading the same cache folder
 5-way 1-shot 15-query episodes of the train split (4112 classes), ``tasks`` episodes per
 ``sample()`` call (one meta-batch), repeated for ``--seconds``; episodes/s = tasks x calls / time.
 Each episode's images are gathered and converted to float (80 x 28 x 28 per episode).
+On a loaded machine, ``--threads 1`` avoids intra-op threads waiting on busy cores.
 """
 from __future__ import annotations
 
@@ -44,7 +45,10 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, nargs="+", default=[32, 100])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = {"device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
            "torch_threads": torch.get_num_threads(), "root": args.root,
            "date": time.strftime("%Y-%m-%d", time.gmtime())}
