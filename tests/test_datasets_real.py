@@ -295,3 +295,24 @@ def test_avdigits_training_run_through_cli(tmp_path, cache):
                        "eval.tasks_per_batch=2", "fusion=attention"], tmp_path,
                       env={"METAMM_CACHE": str(cache)})
     assert "final validation accuracy" in proc.stdout
+
+
+def test_cache_keys_on_files_and_settings(tmp_path):
+    from metamm_cli.data.cache import cached
+
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"1")
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"x": torch.arange(3) + len(calls)}
+
+    first = cached("t", [src], {"size": 28}, build, str(tmp_path / "c"))
+    again = cached("t", [src], {"size": 28}, build, str(tmp_path / "c"))
+    assert len(calls) == 1 and torch.equal(first["x"], again["x"])  # second call read the cache
+    cached("t", [src], {"size": 32}, build, str(tmp_path / "c"))  # new settings: rebuilt
+    src.write_bytes(b"22")  # a changed source file: rebuilt
+    cached("t", [src], {"size": 28}, build, str(tmp_path / "c"))
+    cached("t", [src], {"size": 28}, build, str(tmp_path / "c"), enabled=False)
+    assert len(calls) == 4 and not list((tmp_path / "c").glob("*.tmp"))
