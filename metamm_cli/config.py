@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +29,11 @@ class Amp(enum.Enum):
     fp16 = "fp16"
 
 
+class EvalTask(enum.Enum):
+    fewshot = "fewshot"
+    retrieval = "retrieval"
+
+
 class Split(enum.Enum):
     train = "train"
     val = "val"
@@ -40,6 +45,8 @@ class EpisodeConfig:
     way: int = 5
     shot: int = 1
     query: int = 15
+    support_modalities: Optional[List[str]] = None  # cross-modal episodes: modalities kept in the support
+    query_modalities: Optional[List[str]] = None  # ... and in the query (null = all)
 
 
 @dataclass
@@ -67,6 +74,15 @@ class EvalConfig:
     episodes: int = 600
     tasks_per_batch: int = 50
     seed: int = 0
+    task: EvalTask = EvalTask.fewshot  # fewshot episodes | cross-modal retrieval
+    query_modality: Optional[str] = None  # retrieval: the query side ...
+    gallery_modality: Optional[str] = None  # ... and the ranked side
+
+
+@dataclass
+class AlignConfig:
+    weight: float = 0.0  # > 0 adds the symmetric InfoNCE alignment of modalities to the loss
+    temperature: float = 0.07  # initial temperature (learned)
 
 
 @dataclass
@@ -78,6 +94,8 @@ class TrainConfig:
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     encoder: Any = None
     fusion: Any = None
+    mapping: Any = None
+    align: AlignConfig = field(default_factory=AlignConfig)
     algorithm: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -113,6 +131,8 @@ _RANGES = [
     ("trainer.ckpt_every", lambda v: v >= 1, ">= 1"),
     ("eval.episodes", lambda v: v >= 1, ">= 1"),
     ("eval.tasks_per_batch", lambda v: v >= 1, ">= 1"),
+    ("align.weight", lambda v: v >= 0, ">= 0"),
+    ("align.temperature", lambda v: v > 0, "> 0"),
 ]
 
 

@@ -82,6 +82,9 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
                           f"overridden config (was an encoder, fusion or algorithm key changed?)") from e
     E, V = run_cfg.episode, run_cfg.eval
     split = enum_name(V.split)
+    if enum_name(V.task) == "retrieval":  # cross-modal retrieval instead of episodes
+        from metamm_cli.retrieval import retrieval_report
+        return retrieval_report(algo, dataset.split(split, device), run_cfg, state, out_dir)
     sampler = EpisodeSampler(dataset.split(split, device), E.way, E.shot, E.query,
                              V.tasks_per_batch, seed=V.seed, split_name=split)
     result = evaluate(algo, sampler, V.episodes, V.tasks_per_batch,
