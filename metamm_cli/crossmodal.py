@@ -109,7 +109,8 @@ def attach(algo: nn.Module, cfg: DictConfig, modalities: Sequence[str]) -> nn.Mo
 
     if support_keep is not None or query_keep is not None:
         def pre(module, args):
-            stash["episode"] = args[0]
+            if weight > 0:
+                stash["episode"] = args[0]
             return (restrict(args[0], support_keep, query_keep), *args[1:])
         algo.register_forward_pre_hook(pre)
 
