@@ -56,7 +56,7 @@ def _train_task(cfg) -> Optional[float]:
     return train(cfg)["val_acc"]
 
 
-def _eval_task(cfg, state=None) -> float:
+def _eval_task(cfg, state=None) -> Optional[float]:
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
@@ -65,7 +65,7 @@ def _eval_task(cfg, state=None) -> float:
 
     hc = HydraConfig.get()
     return evaluate_checkpoint(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir),
-                               state)["accuracy"]
+                               state).get("accuracy")
 
 
 def cmd_train(argv: List[str]) -> int:

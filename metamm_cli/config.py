@@ -29,6 +29,11 @@ class Amp(enum.Enum):
     fp16 = "fp16"
 
 
+class EvalTask(enum.Enum):
+    fewshot = "fewshot"
+    retrieval = "retrieval"
+
+
 class Split(enum.Enum):
     train = "train"
     val = "val"
@@ -40,6 +45,8 @@ class EpisodeConfig:
     way: int = 5
     shot: int = 1
     query: int = 15
+    support_modalities: Optional[List[str]] = None  # cross-modal episodes: modalities kept in the support
+    query_modalities: Optional[List[str]] = None  # ... and in the query (null = all)
 
 
 @dataclass
@@ -69,6 +76,9 @@ class EvalConfig:
     seed: int = 0
     missing_sweep: Optional[List[float]] = None  # rates: accuracy per modality missing at each rate
     episodes_file: Optional[str] = None  # JSON of fixed episodes (metamm_cli/fixed_episodes.py)
+    task: EvalTask = EvalTask.fewshot  # fewshot episodes | cross-modal retrieval
+    query_modality: Optional[str] = None  # retrieval: the query side ...
+    gallery_modality: Optional[str] = None  # ... and the ranked side
 
 
 @dataclass
@@ -80,6 +90,12 @@ class MissingConfig:
 
 
 @dataclass
+class AlignConfig:
+    weight: float = 0.0  # > 0 adds the symmetric InfoNCE alignment of modalities to the loss
+    temperature: float = 0.07  # initial temperature (learned)
+
+
+@dataclass
 class TrainConfig:
     task_name: str = "default"
     seed: int = 0
@@ -88,6 +104,8 @@ class TrainConfig:
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     encoder: Any = None
     fusion: Any = None
+    mapping: Any = None
+    align: AlignConfig = field(default_factory=AlignConfig)
     algorithm: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -127,6 +145,8 @@ _RANGES = [
     ("trainer.ckpt_every", lambda v: v >= 1, ">= 1"),
     ("eval.episodes", lambda v: v >= 1, ">= 1"),
     ("eval.tasks_per_batch", lambda v: v >= 1, ">= 1"),
+    ("align.weight", lambda v: v >= 0, ">= 0"),
+    ("align.temperature", lambda v: v > 0, "> 0"),
 ]
 
 

@@ -102,6 +102,9 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
                           f"overridden config (was an encoder, fusion or algorithm key changed?)") from e
     E, V = run_cfg.episode, run_cfg.eval
     split = enum_name(V.split)
+    if enum_name(V.task) == "retrieval":  # cross-modal retrieval instead of episodes
+        from metamm_cli.retrieval import retrieval_report
+        return retrieval_report(algo, dataset.split(split, device), run_cfg, state, out_dir)
     autocast = autocast_for(device, run_cfg.trainer.amp)
     extra = {}
     if V.episodes_file:  # fixed episodes from a JSON file instead of sampled ones

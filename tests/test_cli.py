@@ -99,7 +99,7 @@ def test_train_argument_forms(tmp_path):
     assert "train" in run_metamm(["--help"], tmp_path).stdout
     assert "eval" in run_metamm(["--help"], tmp_path).stdout
     hydra_help = run_metamm(["train", "--help"], tmp_path).stdout
-    assert "fusion: attention, concat, gated, weighted" in hydra_help
+    assert "fusion: am3, attention, concat, film, gated, graph, late, lowrank, mean, mlp, weighted" in hydra_help
     job = run_metamm(["train", *SMOKE, "fusion=attention", "--cfg", "job"], tmp_path).stdout
     assert "Attention" in job and "way: 3" in job
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing

@@ -8,7 +8,7 @@ from conftest import SMOKE, run_metamm
 
 TRAIN = ["train", *SMOKE]
 CASES = [
-    (TRAIN + ["fusion=nope"], ["fusion/nope", "attention, concat, gated, weighted"]),
+    (TRAIN + ["fusion=nope"], ["fusion/nope", "am3, attention, concat, film, gated, graph, late, lowrank, mean, mlp, weighted"]),
     (TRAIN + ["encoder/image=nope"], ["encoder/image/nope", "conv4, mlp"]),
     (TRAIN + ["+exp=nope"], ["exp/nope", "smoke"]),
     (TRAIN + ["episode.way=0"], ["episode.way=0", ">= 2"]),

@@ -6,7 +6,9 @@ from typing import Optional
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from metamm_cli import ConfigError
 from metamm_cli.algorithms.base import MetaAlgorithm, accuracy
+from metamm_cli.crossmodal import attach
 from metamm_cli.data.base import MultimodalDataset
 from metamm_cli.models.net import build_model
 
@@ -16,4 +18,9 @@ __all__ = ["MetaAlgorithm", "accuracy", "build_algorithm"]
 def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[int] = None) -> MetaAlgorithm:
     """Model (encoders + fusion) from the config, wrapped by ``algorithm._target_``; ``way`` is
     the training way (a checkpoint's, when evaluating at another way)."""
-    return instantiate(cfg.algorithm, model=build_model(cfg, dataset), way=way or cfg.episode.way)
+    algo = instantiate(cfg.algorithm, model=build_model(cfg, dataset), way=way or cfg.episode.way)
+    if getattr(algo.model.fusion, "level", "sample") == "prototype" and not getattr(algo, "prototype_fusion", False):
+        raise ConfigError(f"fusion={type(algo.model.fusion).__name__.lower()} works on prototypes and "
+                          f"has no sample embedding: use a metric algorithm (protonet), not "
+                          f"{type(algo).__name__}")
+    return attach(algo, cfg, list(dataset.modalities))  # cross-modal episodes, align.weight

@@ -23,11 +23,19 @@ class ProtoNet(MetaAlgorithm):
     """Embed support and query of every task in one call, average each class's support
     embeddings into a prototype, and score queries by negative squared Euclidean distance."""
 
+    prototype_fusion = True  # prototype-level fusions (am3, late) build the logits: see below
+
+    def scores(self, zq: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+        return -squared_euclidean(zq, protos)
+
     def forward(self, episode):
+        if getattr(self.model.fusion, "level", "sample") == "prototype":  # am3, late: the fusion mixes prototypes/scores
+            logits = self.model.fusion.episode_logits(self.model, episode, self.scores)
+            return self.loss(logits, episode.query_labels), logits
         nk = episode.support_labels.shape[1]
         inputs = {m: torch.cat([episode.support[m], episode.query[m]], 1) for m in episode.support}
         present = torch.cat([episode.support_present, episode.query_present], 1)
         z = self.embed(inputs, present).float()
         protos = prototypes(z[:, :nk], episode.support_labels, episode.way)
-        logits = -squared_euclidean(z[:, nk:], protos)
+        logits = self.scores(z[:, nk:], protos)
         return self.loss(logits, episode.query_labels), logits

@@ -1,7 +1,8 @@
-"""The multimodal embedding network: one encoder per modality, then the fusion."""
+"""The multimodal embedding network: one encoder per modality, an optional mapping of each
+modality into one shared space, then the fusion."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from hydra.utils import instantiate
@@ -11,27 +12,75 @@ from torch import nn
 from metamm_cli import ConfigError
 from metamm_cli.data.base import MultimodalDataset
 
+MAPPINGS = ("none", "linear", "mlp")
+
+
+class Mapping(nn.Module):
+    """``mapping=none|linear|mlp``: one projection per modality ``[B, dim] -> [B, dim]`` into a
+    space shared by all modalities (identity, linear, or Linear-ReLU-Linear with ``hidden``
+    units), so that embeddings of different modalities can be compared directly (cross-modal
+    episodes, retrieval, contrastive alignment)."""
+
+    def __init__(self, modalities, dim: int, kind: str = "none", hidden: int = 128):
+        super().__init__()
+        if kind not in MAPPINGS:
+            raise ConfigError(f"mapping.kind={kind}: must be one of {', '.join(MAPPINGS)}")
+        self.kind = kind
+
+        def proj() -> nn.Module:
+            if kind == "linear":
+                return nn.Linear(dim, dim)
+            return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+        self.proj = nn.ModuleDict({m: proj() for m in modalities}) if kind != "none" else None
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if self.proj is None:
+            return features
+        return {m: self.proj[m](x) for m, x in features.items()}
+
 
 class MultimodalNet(nn.Module):
-    """``(inputs: {m: [B, *shape_m]}, present: [B, M]) -> [B, out_dim]``."""
+    """``(inputs: {m: [B, *shape_m]}, present: [B, M]) -> [B, out_dim]``; :meth:`encode` gives
+    the per-modality (mapped) embeddings the fusion combines."""
 
-    def __init__(self, encoders: Dict[str, nn.Module], fusion: nn.Module):
+    def __init__(self, encoders: Dict[str, nn.Module], fusion: nn.Module,
+                 mapping: Optional[nn.Module] = None):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
+        if mapping is not None:
+            self.mapping = mapping
         self.out_dim = fusion.out_dim
 
+    def features(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        feats = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+        return self.mapping(feats) if hasattr(self, "mapping") else feats
+
+    def encode(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-modality embeddings for inputs of any leading shape ``[*lead, ...]`` ->
+        ``{m: [*lead, dim]}`` (an absent modality's entry is computed from its placeholder)."""
+        lead = present.shape[:-1]
+        flat = {m: x.reshape(-1, *x.shape[len(lead):]) for m, x in inputs.items()}
+        return {m: f.reshape(*lead, -1) for m, f in self.features(flat).items()}
+
     def forward(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
-        return self.fusion({m: enc(inputs[m]) for m, enc in self.encoders.items()}, present)
+        return self.fusion(self.features(inputs), present)
 
 
 def build_model(cfg: DictConfig, dataset: MultimodalDataset) -> MultimodalNet:
-    """Instantiate ``encoder.<modality>`` for each modality of the dataset, then ``fusion``."""
+    """Instantiate ``encoder.<modality>`` for each modality of the dataset, ``mapping`` (if
+    any), then ``fusion``."""
     encoders = {}
     for m, spec in dataset.modalities.items():
         if m not in cfg.encoder:
             raise ConfigError(f"encoder.{m}: no encoder configured for modality '{m}' "
                               f"(add encoder/{m}=NAME; configured: {[k for k in cfg.encoder if k != 'dim']})")
         encoders[m] = instantiate(cfg.encoder[m], spec=spec, dim=cfg.encoder.dim)
-    fusion = instantiate(cfg.fusion, modalities=list(dataset.modalities), dim=cfg.encoder.dim)
-    return MultimodalNet(encoders, fusion)
+    mods = list(dataset.modalities)
+    mapping_cfg = cfg.get("mapping")
+    mapping = None
+    if mapping_cfg is not None and mapping_cfg.get("kind", "none") != "none":
+        mapping = instantiate(mapping_cfg, modalities=mods, dim=cfg.encoder.dim)
+    fusion = instantiate(cfg.fusion, modalities=mods, dim=cfg.encoder.dim)
+    return MultimodalNet(encoders, fusion, mapping)
