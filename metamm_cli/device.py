@@ -41,3 +41,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def make_deterministic(on: bool) -> None:
+    """``trainer.deterministic``: deterministic kernels (an error where none exists), no cuDNN
+    autotuning; with it, an interrupted and resumed run ends bit-identical to an uninterrupted one."""
+    import os
+
+    torch.use_deterministic_algorithms(bool(on), warn_only=False)
+    torch.backends.cudnn.benchmark = not on
+    torch.backends.cudnn.deterministic = bool(on)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
