@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def write_atomic(path: Path, write) -> None:
             write(f)
             f.flush()
             pause = os.environ.get("METAMM_TEST_SAVE_PAUSE")  # tests: a kill during the write
-            if pause and path.suffix == ".pt":
+            if pause and path.name == "last.pt":
                 time.sleep(float(pause))
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -84,6 +85,20 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
                           f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     clean_orphans(Path(path).parent)
     write_atomic(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
+
+
+def keep_last(folder: Path, step: int, keep: int) -> None:
+    """``trainer.keep_last=N``: last.pt also as step_XXXXXXXX.pt, of which the N newest stay."""
+    if not keep:
+        return
+    step_file = Path(folder) / f"step_{step:08d}.pt"
+    step_file.unlink(missing_ok=True)
+    try:
+        step_file.hardlink_to(Path(folder) / "last.pt")
+    except OSError:
+        shutil.copy2(Path(folder) / "last.pt", step_file)
+    for old in sorted(Path(folder).glob("step_*.pt"))[:-keep]:
+        old.unlink()
 
 
 def mismatch(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> str:

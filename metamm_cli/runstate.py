@@ -8,12 +8,14 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metamm_cli import ConfigError, __version__
+from metamm_cli.checkpoint import clean_orphans, mismatch, write_atomic
 
 log = logging.getLogger("metamm")
 MODEL_KEYS = ("encoder", "fusion", "algorithm", "dataset.modalities")  # their change breaks the weights
@@ -38,6 +41,25 @@ class RunState:
         self.tasks = 0  # tasks since the last log
         self.bad = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps (all time)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def record(self, loss: torch.Tensor, acc: torch.Tensor, bad: torch.Tensor, tasks: int) -> None:
+        """After a step, on the device (no host sync): the log sums without non-finite steps."""
+        self.step += 1
+        self.sums += torch.stack([torch.where(bad, 0, loss), torch.where(bad, 0, acc),
+                                  (~bad).to(loss.dtype) * tasks]).float()
+        self.tasks += tasks
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step, self.first_bad)
+        self.bad += bad.long()
+
+    def take_log(self, seconds: float) -> Dict[str, float]:
+        """The mean train loss/accuracy since the last log point (one host sync); resets them."""
+        loss, acc, good = self.sums.tolist()
+        nan = float("nan")
+        out = {"train/loss": loss / good if good else nan, "train/acc": acc / good if good else nan,
+               "episodes_per_s": self.tasks / seconds if seconds > 0 else nan}
+        self.sums.zero_()
+        self.tasks = 0
+        return out
 
     def state_dict(self, config: Dict) -> Dict[str, Any]:
         return {"step": self.step, "best_val_acc": self.best, "best_step": self.best_step,
@@ -77,6 +99,122 @@ def _np_state():
 
 def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# -- a run: its modules, samplers, folder and state
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    algo: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    train_sampler: Any
+    val_sampler: Any
+    val_tasks: int
+    autocast: Any
+    state: RunState
+    writer: Any = None
+    bar: Any = None
+    saved_step: int = -1
+    last: Optional[Dict[str, float]] = None
+    train_time: float = 0.0
+    window: float = 0.0  # training seconds since the last log point
+    val: Optional[Dict[str, float]] = None  # the last validation
+    resumed_from: Optional[str] = None
+
+    def timed(self, seconds: float) -> None:
+        self.window += seconds
+        self.train_time += seconds
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def stored_config(self) -> Dict:
+        return OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+
+
+def restore(run: Run, ckpt: Dict, changes: List[str]) -> None:
+    try:
+        run.state.load(ckpt)
+    except (RuntimeError, ValueError, KeyError) as e:
+        why = mismatch(run.algo, ckpt["model"])
+        changed = ", ".join(c.split(": ")[1] for c in changes)
+        raise ConfigError(f"trainer.resume={ckpt['path']}: the checkpoint does not fit this config "
+                          f"({why}{f'; changed: {changed}' if changed else ''})") from e
+    for line in changes:
+        log.info(line)
+    log.info(f"resumed from {ckpt['path']} at step {run.state.step}")
+    run.resumed_from = ckpt["path"]
+    old_best = Path(ckpt["path"]).parent / "best.pt"
+    if old_best.is_file() and old_best.parent.resolve() != run.ckpt_dir.resolve():  # another folder: complete on its own
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(old_best, run.ckpt_dir / "best.pt")
+
+
+def open_folder(run: Run, overrides: List[str], changes: List[str], resumed: bool) -> None:
+    """The run folder: orphan temporaries removed, the 'running' marker, config.yaml, run.json,
+    TensorBoard (a resumed run drops the points logged after its checkpoint)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    clean_orphans(run.ckpt_dir)
+    mark_running(run.run_dir)
+    write_atomic(run.run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(run.stored_config()).encode()))
+    record_run(run.run_dir, overrides, run.device, run.state.step if resumed else None, changes)
+    if run.cfg.trainer.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        run.writer = SummaryWriter(str(run.run_dir / "tb"), purge_step=run.state.step + 1 if resumed else None)
+
+
+def write_metrics(run: Run, val: Optional[Dict], **extra) -> Dict[str, Any]:
+    S = run.state
+    last = run.last or {}
+    metrics = finite_json({
+        "step": S.step, "val_acc": val["accuracy"] if val else None,
+        "val_acc_ci95": val["ci95"] if val else None, "val_episodes": val["episodes"] if val else None,
+        "best_val_acc": S.best if S.history else None, "best_step": S.best_step,
+        "train_loss": last.get("train/loss"), "train_acc": last.get("train/acc"),
+        "episodes_per_s": last.get("episodes_per_s"), "train_time_s": run.train_time,
+        "skipped_steps": int(S.bad), "device": str(run.device), "run_dir": str(run.run_dir),
+        "resumed_from": run.resumed_from, "history": S.history, **extra})
+    write_atomic(run.run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    return metrics
+
+
+
+def resume_state(cfg: DictConfig) -> Optional[Dict]:
+    """The checkpoint ``trainer.resume`` names (null: none)."""
+    from metamm_cli.checkpoint import VERSION, load_checkpoint
+
+    path = find_resume(cfg.trainer.resume, Path(cfg.output_root) / cfg.task_name)
+    return None if path is None else load_checkpoint(path, key="trainer.resume", versions=(VERSION,))
+
+
+def finished(ckpt: Dict, cfg: DictConfig, overrides: List[str]) -> Optional[Dict]:
+    """A resumed run that already reached its trainer.max_steps: says so, returns its metrics."""
+    max_steps = merge_resume(ckpt["config"], cfg, overrides)[0].trainer.max_steps
+    if ckpt["step"] < max(max_steps, 1):
+        return None
+    print(f"run {Path(ckpt['path']).parent.parent} already finished at step {ckpt['step']}: nothing to "
+          f"train (raise trainer.max_steps to continue it)")
+    done = Path(ckpt["path"]).parent.parent / "metrics.json"
+    return json.loads(done.read_text()) if done.is_file() else {"step": ckpt["step"], "val_acc": None}
+
+
+class Diverged(ConfigError):
+    """A non-finite loss or gradient under trainer.on_nan=stop."""
+
+
+def stop_now(run: Run, signum: int) -> None:
+    name = signal.Signals(signum).name
+    write_metrics(run, None, interrupted=name)
+    log.warning(f"{name} at step {run.state.step}: checkpoint saved to {run.ckpt_dir / 'last.pt'}; "
+                f"resume with: metamm train trainer.resume={run.run_dir}")
+    raise SystemExit(128 + signum)
+
 
 
 # -- which run to resume --------------------------------------------------------------------------
@@ -175,8 +313,6 @@ def git_commit() -> Optional[str]:
 def record_run(run_dir: Path, overrides: List[str], device: torch.device, resumed_at: Optional[int],
                changes: List[str]) -> None:
     """run.json: versions, device, git commit, overrides; a resume appends to its 'resumes'."""
-    from metamm_cli.checkpoint import write_atomic
-
     path = Path(run_dir) / "run.json"
     entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "overrides": list(overrides),
              "metamm": __version__, "torch": torch.__version__, "python": sys.version.split()[0],

@@ -66,6 +66,8 @@ def test_resume_continues_exactly(tmp_path):
     first = run_dir_of(run_metamm(base, tmp_path))
     resumed = run_metamm(base + ["trainer.max_steps=12", f"trainer.resume={first}"], tmp_path)
     assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    assert "resume: trainer.max_steps: 8 -> 12" in resumed.stdout
+    assert run_dir_of(resumed) == first  # one run, one folder
     straight = run_metamm(base + ["trainer.max_steps=12"], tmp_path)
     a = torch.load(run_dir_of(resumed) / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(run_dir_of(straight) / "checkpoints" / "last.pt", weights_only=True)
@@ -73,7 +75,7 @@ def test_resume_continues_exactly(tmp_path):
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     again = run_metamm(base + ["trainer.max_steps=12", "trainer.resume=true"], tmp_path)
-    assert "at step 12" in again.stdout  # true: the newest last.pt of this task
+    assert "finished at step 12" in again.stdout  # true: the newest last.pt of this task
 
 
 def test_multirun_three_jobs(tmp_path):
