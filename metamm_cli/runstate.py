@@ -198,8 +198,9 @@ def finished(ckpt: Dict, cfg: DictConfig, overrides: List[str]) -> Optional[Dict
     max_steps = merge_resume(ckpt["config"], cfg, overrides)[0].trainer.max_steps
     if ckpt["step"] < max(max_steps, 1):
         return None
-    print(f"run {Path(ckpt['path']).parent.parent} already finished at step {ckpt['step']}: nothing to "
-          f"train (raise trainer.max_steps to continue it)")
+    run = run_dir_of(Path(ckpt["path"])) or ckpt["path"]
+    print(f"run {run} already finished at step {ckpt['step']}: nothing to train "
+          f"(raise trainer.max_steps to continue it)")
     done = Path(ckpt["path"]).parent.parent / "metrics.json"
     return json.loads(done.read_text()) if done.is_file() else {"step": ckpt["step"], "val_acc": None}
 
