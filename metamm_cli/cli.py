@@ -290,13 +290,17 @@ def one_line(exc: BaseException) -> str:
             return f"{first}; available: {', '.join(sorted(e.options))}"
     from hydra.errors import InstantiationException
 
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    if isinstance(exc, InstantiationException):  # 'Error in call to target X:' + the real cause
-        lines = [ln for ln in lines if not ln.startswith("full_key:")]
-    message = " ".join(lines) if lines else type(exc).__name__
+    def lines(e):  # every line of the message but OmegaConf's key-location trailer
+        return [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()
+                and not ln.strip().startswith(("full_key:", "reference_type=", "object_type="))]
+
+    message = " ".join(lines(exc)) or type(exc).__name__
+    if isinstance(exc, InstantiationException) and message.endswith(":") and chain[1:]:
+        message += f" {type(chain[1]).__name__}: {' '.join(lines(chain[1]))}"
     for e in chain[1:]:  # OmegaConf's reason behind a Hydra error
-        if isinstance(e, OmegaConfBaseException) and "$" not in str(e) and str(e).strip():
-            message += ": " + " ".join(str(e).split())
+        if isinstance(e, OmegaConfBaseException) and "$" not in str(e) and lines(e):
+            if " ".join(lines(e)) not in message:
+                message += ": " + " ".join(lines(e))
             break
         if isinstance(e, (OSError, TypeError, ValueError)) and str(e).strip() and str(e) not in message:
             message += f" ({' '.join(str(e).split())})"
