@@ -146,3 +146,15 @@ def test_full_disk_keeps_the_good_checkpoint(tmp_path, monkeypatch, capsys):
     ckpts = next(Path(tmp_path).glob("outputs/smoke/runs/*/checkpoints"))
     assert load_checkpoint(ckpts / "last.pt")["step"] == 4
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
+    import metamm_cli.train as tr
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "build_algorithm", interrupted)
+    code, out, err = run_cli(TRAIN, monkeypatch, capsys, tmp_path)
+    assert code == 130 and err.strip() == "metamm train: interrupted during start-up; nothing was saved"
+    assert "Traceback" not in out + err and not list(tmp_path.glob("outputs/*/runs/*"))

@@ -69,13 +69,16 @@ def test_task_chunks_give_the_same_gradient(algorithm):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("algorithm", ["protonet", "maml"])
-def test_mixed_precision_trains(tmp_path, amp, algorithm):
+def test_mixed_precision_trains(tmp_path, amp, algorithm, caplog):
     """autocast (and fp16's GradScaler) on whatever device is here; the CPU in CI."""
     metrics = train(compose_cfg(FAST + [f"algorithm={algorithm}", f"trainer.amp={amp}",
                                         "trainer.max_steps=2", "trainer.val_every=2"]),
                     run_dir=tmp_path)
     assert metrics["step"] == 2 and 0 <= metrics["val_acc"] <= 100
     assert metrics["train_loss"] is not None and metrics["train_loss"] == metrics["train_loss"]  # not NaN
+    assert f"(amp {amp})" in caplog.text
+    if metrics["device"] == "cpu":
+        assert f"trainer.amp={amp} on the CPU" in caplog.text
 
 
 def test_resume_with_a_foreign_sampler_state_warns(tmp_path, caplog):
