@@ -71,6 +71,7 @@ def test_task_chunks_give_the_same_gradient(algorithm):
 @pytest.mark.parametrize("algorithm", ["protonet", "maml"])
 def test_mixed_precision_trains(tmp_path, amp, algorithm, caplog):
     """autocast (and fp16's GradScaler) on whatever device is here; the CPU in CI."""
+    caplog.set_level("INFO", logger="metamm")
     metrics = train(compose_cfg(FAST + [f"algorithm={algorithm}", f"trainer.amp={amp}",
                                         "trainer.max_steps=2", "trainer.val_every=2"]),
                     run_dir=tmp_path)
