@@ -21,7 +21,8 @@ from metamm_cli import ConfigError
 from metamm_cli.runstate import RUNNING, StopSignals, find_resume, merge_resume, running_pid
 
 BASE = ["train", "+exp=smoke", "trainer.max_steps=12", "trainer.val_every=2", "trainer.log_every=3",
-        "trainer.ckpt_every=5", "trainer.val_episodes=4", "trainer.deterministic=true"]
+        "trainer.ckpt_every=5", "trainer.val_episodes=4", "trainer.deterministic=true",
+        "trainer.device=cpu"]
 RESUME = ["train", "+exp=smoke", "trainer.resume=true"]
 
 
