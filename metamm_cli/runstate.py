@@ -123,6 +123,7 @@ class Run:
     last: Optional[Dict[str, float]] = None
     train_time: float = 0.0
     window: float = 0.0  # training seconds since the last log point
+    episodes: int = 0  # training episodes (tasks) logged by this process
     val: Optional[Dict[str, float]] = None  # the last validation
     resumed_from: Optional[str] = None
 
@@ -177,7 +178,7 @@ def write_metrics(run: Run, val: Optional[Dict], **extra) -> Dict[str, Any]:
         "val_acc_ci95": val["ci95"] if val else None, "val_episodes": val["episodes"] if val else None,
         "best_val_acc": S.best if S.history else None, "best_step": S.best_step,
         "train_loss": last.get("train/loss"), "train_acc": last.get("train/acc"),
-        "episodes_per_s": last.get("episodes_per_s"), "train_time_s": run.train_time,
+        "episodes_per_s": run.episodes / run.train_time if run.train_time else None, "train_time_s": run.train_time,
         "skipped_steps": int(S.bad), "device": str(run.device), "run_dir": str(run.run_dir),
         "resumed_from": run.resumed_from, "history": S.history, **extra})
     write_atomic(run.run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))

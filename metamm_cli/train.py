@@ -116,6 +116,7 @@ def check_divergence(run: Run) -> None:
 
 
 def log_train(run: Run) -> None:
+    run.episodes += run.state.tasks
     run.last, run.window = run.state.take_log(run.window), 0.0
     if run.bar is not None:
         run.bar.set_postfix(loss=f"{run.last['train/loss']:.3f}", acc=f"{run.last['train/acc']:.1f}")
