@@ -194,7 +194,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, overrides: Optional[L
                 train_step(run)
                 run.bar.update()
                 periodic(run, stop.signum is not None, tick)
-                if stop.signum is not None:
+                if stop.signum is not None and run.state.step < T.max_steps:
                     run.bar.close()
                     stop_now(run, stop.signum)
         run.bar.close()
