@@ -16,8 +16,11 @@ import pytest
 import torch
 from conftest import compose_cfg
 
+from omegaconf import OmegaConf
+
 from metamm_cli import cli
 from metamm_cli.checkpoint import load_checkpoint
+from metamm_cli.config import config_dir
 
 TRAIN = ["train", "+exp=smoke", "trainer.progress=false"]
 ROWS = [
@@ -56,7 +59,11 @@ ROWS = [
     ("eval non-finite weights", ["eval", "--ckpt", "{nan}"], ["{nan}", "not finite", "diverged"]),
     ("eval other architecture", ["eval", "--ckpt", "{good}", "fusion=attention"], ["do not fit", "missing:"]),
 ]
-DATA_ROWS: list = []  # datasets with files: (id, argv, needles) for a missing root, a corrupted file
+DATA_ROWS: list = []  # datasets with files: (id, argv, needles) for a corrupted file, ...
+for _yaml in sorted((Path(config_dir()) / "dataset").glob("*.yaml")):  # every dataset read from a root
+    if "root" in (OmegaConf.load(_yaml) or {}):
+        DATA_ROWS.append((f"missing root {_yaml.stem}", ["train", f"dataset={_yaml.stem}",
+                                                         "dataset.root=/no/such/root"], ["/no/such/root"]))
 
 
 @pytest.fixture(scope="module")
