@@ -1,36 +1,130 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename), validated on load."""
+"""Checkpoints: written atomically (temporary file, fsync, rename), never non-finite, validated on
+load; a format version says what a file holds."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, List
 
 import torch
 
 from metamm_cli import ConfigError
 
 FORMAT = "metamm-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: + numpy RNG, scheduler, validation history, partial log sums (exact resume)
+READABLE = (1, 2)  # versions `metamm eval` reads; resuming needs VERSION
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
-def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """Write ``state`` so that ``path`` holds either the old or the new checkpoint, never half."""
+def clean_orphans(folder: Path) -> List[Path]:
+    """Remove ``.NAME.*.tmp`` left by a write that was killed."""
+    gone = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp)
+    return gone
+
+
+def write_failed(path: Path, exc: BaseException) -> ConfigError:
+    """A write error as one line naming the file and the root cause (a full disk, no permission)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        reason = f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    else:  # torch.save reports a failed write as '[enforce fail at inline_container.cc] ...'
+        reason = f"the write failed, is the disk full? ({' '.join(str(exc).split())})"
+    return ConfigError(f"cannot write {path}: {reason}")
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename: ``path`` holds either
+    the old or the new content, never half; a failure names ``path`` and its cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a plain write honours the umask
+    except OSError as e:
+        raise write_failed(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            write(f)
             f.flush()
+            pause = os.environ.get("METAMM_TEST_SAVE_PAUSE")  # tests: a kill during the write
+            if pause and path.name == "last.pt":
+                time.sleep(float(pause))
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load_checkpoint(path: str | Path, key: str = "--ckpt", prefer: str = "last.pt") -> Dict[str, Any]:
+def non_finite(tensors: Dict[str, Any]) -> List[str]:
+    """Names of the floating tensors (nested dicts walked) holding NaN or inf."""
+    bad = []
+    for name, t in tensors.items():
+        if isinstance(t, dict):
+            bad += [f"{name}.{n}" for n in non_finite(t)]
+        elif torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            bad.append(str(name))
+    return bad
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    """Write ``state`` atomically; refuses non-finite model weights (a diverged run)."""
+    bad = non_finite(state.get("model", {}))
+    if bad:
+        raise ConfigError(f"not writing {path}: {len(bad)} non-finite model tensors "
+                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    clean_orphans(Path(path).parent)
+    write_atomic(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
+
+
+def keep_last(folder: Path, step: int, keep: int) -> None:
+    """``trainer.keep_last=N``: last.pt also as step_XXXXXXXX.pt, of which the N newest stay."""
+    if not keep:
+        return
+    step_file = Path(folder) / f"step_{step:08d}.pt"
+    step_file.unlink(missing_ok=True)
+    try:
+        step_file.hardlink_to(Path(folder) / "last.pt")
+    except OSError:
+        shutil.copy2(Path(folder) / "last.pt", step_file)
+    for old in sorted(Path(folder).glob("step_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def mismatch(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> str:
+    """Why ``weights`` do not fit ``model``: the missing, unexpected and mis-shaped names."""
+    own = model.state_dict()
+    parts = []
+    for label, names in (("missing", [k for k in own if k not in weights]),
+                         ("unexpected", [k for k in weights if k not in own]),
+                         ("shape differs", [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+                                            for k in own if k in weights
+                                            and tuple(weights[k].shape) != tuple(own[k].shape)])):
+        if names:
+            parts.append(f"{label}: {', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}")
+    return "; ".join(parts) or "the weights do not fit"
+
+
+def short(text: str, limit: int = 200) -> str:
+    """First line of ``text``, cut at a word boundary (never mid-word), never empty."""
+    line = " ".join(str(text).split())
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line
+
+
+def load_checkpoint(path: str | Path, key: str = "--ckpt", prefer: str = "last.pt",
+                    versions: Iterable[int] = READABLE) -> Dict[str, Any]:
     """Load a metamm checkpoint on the CPU (tensors only, no arbitrary pickles). ``path`` may be
     a run folder, which means its ``checkpoints/<prefer>``."""
     path = Path(path).expanduser()
@@ -46,13 +140,19 @@ def load_checkpoint(path: str | Path, key: str = "--ckpt", prefer: str = "last.p
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises anything on a foreign file
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         raise ConfigError(f"{key} {path}: not a readable metamm checkpoint "
-                          f"({type(e).__name__}: {first})") from e
+                          f"({type(e).__name__}: {short(e, 160) or 'no reason given'})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"{key} {path}: not a metamm checkpoint (no '{FORMAT}' marker)")
-    if state.get("version") != VERSION:
-        raise ConfigError(f"{key} {path}: checkpoint version {state.get('version')} is not supported "
-                          f"(this metamm reads version {VERSION})")
+    version, versions = state.get("version"), tuple(versions)
+    if version not in versions:
+        if isinstance(version, int) and version > max(versions):
+            todo = "it was written by a newer metamm: upgrade metamm to read it"
+        else:
+            todo = ("it was written by an older metamm: evaluate it with `metamm eval`, or retrain"
+                    if key == "trainer.resume" and isinstance(version, int) and version in READABLE
+                    else "it was written by an older metamm: re-create it with this version")
+        raise ConfigError(f"{key} {path}: checkpoint format version {version} is not supported here "
+                          f"(this metamm reads {', '.join(map(str, versions))}); {todo}")
     state["path"] = str(path)
     return state

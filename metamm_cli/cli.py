@@ -6,7 +6,9 @@ shows the full traceback instead.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
 USAGE = """usage: metamm <command> [options] [key=value ...]
@@ -29,10 +31,26 @@ def _report(prog: str, exc: BaseException) -> int:
     return 2
 
 
+def _remove_failed_start(folder: Path) -> None:
+    """A job that failed before training leaves only Hydra's files: remove them (and the empty
+    folders above, up to the output root) so that a failed start leaves no run folder behind."""
+    if not folder.is_dir() or any(p.name not in _START_DEBRIS for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in list(folder.parents)[:3]:  # runs/, the task's folder, the output root
+        if parent == Path.cwd() or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+_START_DEBRIS = {".hydra", "train.log", "eval.log", "config.yaml", "run.json", "RUNNING"}
+
+
 def _hydra_app(config_name: str, task: Callable, argv: List[str], prog: str) -> None:
     import functools
 
     import hydra
+    from hydra.core.hydra_config import HydraConfig
 
     from metamm_cli.config import config_dir, register_schemas
 
@@ -40,9 +58,13 @@ def _hydra_app(config_name: str, task: Callable, argv: List[str], prog: str) -> 
     def guarded(cfg):
         try:
             return task(cfg)
-        except Exception as exc:  # noqa: BLE001 - reported here, before Hydra adds its own lines
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported here, before Hydra adds its own lines
+            _remove_failed_start(Path(HydraConfig.get().runtime.output_dir))
             if _SHOW_TRACEBACK:
                 raise
+            if isinstance(exc, KeyboardInterrupt):
+                print(f"{prog}: interrupted during start-up; nothing was saved", file=sys.stderr)
+                raise SystemExit(130)
             raise SystemExit(_report(prog, exc))
 
     register_schemas()
@@ -50,10 +72,10 @@ def _hydra_app(config_name: str, task: Callable, argv: List[str], prog: str) -> 
     hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(guarded)()
 
 
-def _train_task(cfg) -> Optional[float]:
+def _train_task(cfg, ckpt=None) -> Optional[float]:
     from metamm_cli.train import train
 
-    return train(cfg)["val_acc"]
+    return train(cfg, ckpt=ckpt).get("val_acc")
 
 
 def _eval_task(cfg, state=None) -> Optional[float]:
@@ -64,18 +86,110 @@ def _eval_task(cfg, state=None) -> Optional[float]:
     from metamm_cli.evaluate import evaluate_checkpoint
 
     hc = HydraConfig.get()
+    if state is None and cfg.get("ckpt"):
+        from metamm_cli.checkpoint import load_checkpoint
+        state = load_checkpoint(cfg.ckpt, prefer="best.pt")
     return evaluate_checkpoint(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir),
                                state).get("accuracy")
 
 
+def _option(argv: List[str], *names: str) -> Optional[str]:
+    """The value of ``--name VALUE`` / ``--name=VALUE`` in ``argv``."""
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def check_yaml(config_dir: Optional[str]) -> None:
+    """A YAML syntax error in a --config-dir file, named with its file and line (Hydra's own
+    message names neither)."""
+    import yaml
+
+    from metamm_cli import ConfigError
+
+    if not config_dir or not Path(config_dir).is_dir():
+        return
+    for path in sorted(Path(config_dir).rglob("*.yaml")):
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ConfigError(f"--config-dir: YAML syntax error in {where}: "
+                              f"{getattr(e, 'context', None) or ''} {getattr(e, 'problem', None) or e}".replace("  ", " "))
+
+
+_INFO_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resolve")
+
+
+def _resume_args(argv: List[str]):
+    """For ``trainer.resume=...`` (one run): load the checkpoint before Hydra makes a folder and
+    send the run back into its own folder. Returns (extra overrides, checkpoint)."""
+    from hydra import compose, initialize_config_dir
+
+    from metamm_cli import ConfigError
+    from metamm_cli.config import config_dir, register_schemas
+    from metamm_cli.runstate import run_dir_of
+    from metamm_cli.train import resume_state
+
+    given = [a for a in argv if a.lstrip("+").startswith("trainer.resume=")]
+    if not given or given[-1].split("=", 1)[1] in ("", "null", "false", "False") or \
+            any(a in _INFO_FLAGS for a in argv):
+        return [], None
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise ConfigError("trainer.resume continues one run: drop -m/--multirun")
+    overrides, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp"):
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    user_dir = _option(argv, "--config-dir", "-cd")
+    if user_dir:
+        overrides.append(f"hydra.searchpath=[file://{Path(user_dir).resolve()}]")
+    register_schemas()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    ckpt = resume_state(cfg)
+    run = run_dir_of(Path(ckpt["path"]))
+    if run is None:  # a loose checkpoint file: the run continues in a new folder
+        return [], ckpt
+    quoted = "'" + str(run.resolve()).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return [f"hydra.run.dir={quoted}", "hydra.output_subdir=null"], ckpt
+
+
 def cmd_train(argv: List[str]) -> int:
-    _hydra_app("train", _train_task, argv, "metamm train")
+    check_yaml(_option(argv, "--config-dir", "-cd"))
+    extra, ckpt = _resume_args(argv)
+    _hydra_app("train", lambda cfg: _train_task(cfg, ckpt), argv + extra, "metamm train")
     return 0
+
+
+EVAL_USAGE = """usage: metamm eval --ckpt PATH [key=value ...]
+
+Evaluates a checkpoint on fixed test episodes (eval.seed) and prints the mean accuracy with its
+95% confidence interval; writes eval.json and eval.log to outputs/evals/<time>_<run>/.
+
+  --ckpt PATH   a checkpoint (.pt) or a run folder (its checkpoints/best.pt). Required.
+  key=value     changes the checkpoint's own config: episode.way=10, eval.split=val,
+                eval.episodes=600, trainer.device=cpu, trainer.progress=false, ...
+                (encoder, fusion and algorithm keys must match the weights).
+
+`metamm train --help` lists the config groups and keys."""
 
 
 def cmd_eval(argv: List[str]) -> int:
     from metamm_cli import ConfigError
 
+    if any(a in ("-h", "--help") for a in argv):
+        print(EVAL_USAGE)
+        return 0
     out, ckpt, i = [], None, 0
     while i < len(argv):
         arg = argv[i]
@@ -102,8 +216,22 @@ def cmd_eval(argv: List[str]) -> int:
     state = load_checkpoint(ckpt, prefer="best.pt") if ckpt != "null" else None
     # Hydra's grammar would read characters such as '=' or ',' in a path: quote it.
     quoted = "'" + ckpt.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    _hydra_app("eval", lambda cfg: _eval_task(cfg, state), out + [f"+ckpt={quoted}"], "metamm eval")
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in _run_name(Path(ckpt)))
+    where = [f"hydra.run.dir=${{output_root}}/evals/${{now:%Y-%m-%d_%H-%M-%S_%f}}_{name}"] if state else []
+    _hydra_app("eval", lambda cfg: _eval_task(cfg, state), out + [f"+ckpt={quoted}"] + where, "metamm eval")
     return 0
+
+
+def _run_name(ckpt: Path) -> str:
+    """Which run a checkpoint is: ``TASK_RUNFOLDER_best`` (or the file's stem)."""
+    ckpt = ckpt.expanduser().resolve()
+    if ckpt.is_dir():
+        return f"{ckpt.parent.parent.name}_{ckpt.name}" if ckpt.parent.name in ("runs", "multiruns") else ckpt.name
+    if ckpt.parent.name == "checkpoints":
+        run = ckpt.parent.parent
+        task = run.parent.parent.name if run.parent.name in ("runs", "multiruns") else run.parent.name
+        return f"{task}_{run.name}_{ckpt.stem}"
+    return ckpt.stem
 
 
 def cmd_data(argv: List[str]) -> int:
@@ -160,12 +288,25 @@ def one_line(exc: BaseException) -> str:
         if isinstance(e, MissingConfigException) and e.options:
             first = str(e).strip().splitlines()[0]
             return f"{first}; available: {', '.join(sorted(e.options))}"
-    first = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    message = first[0] if first else type(exc).__name__
+    from hydra.errors import InstantiationException
+
+    def lines(e):  # every line of the message but OmegaConf's key-location trailer
+        return [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()
+                and not ln.strip().startswith(("full_key:", "reference_type=", "object_type="))]
+
+    message = " ".join(lines(exc)) or type(exc).__name__
+    if isinstance(exc, InstantiationException) and message.endswith(":") and chain[1:]:
+        message += f" {type(chain[1]).__name__}: {' '.join(lines(chain[1]))}"
     for e in chain[1:]:  # OmegaConf's reason behind a Hydra error
-        if isinstance(e, OmegaConfBaseException) and "$" not in str(e):
-            message += ": " + str(e).strip().splitlines()[0]
+        if isinstance(e, OmegaConfBaseException) and "$" not in str(e) and lines(e):
+            if " ".join(lines(e)) not in message:
+                message += ": " + " ".join(lines(e))
             break
+        if isinstance(e, (OSError, TypeError, ValueError)) and str(e).strip() and str(e) not in message:
+            message += f" ({' '.join(str(e).split())})"
+            break
+    if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in message:
+        message += f" ({exc.filename})"
     return message
 
 
@@ -189,6 +330,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
     try:
         return COMMANDS[command](rest)
+    except KeyboardInterrupt:
+        if _SHOW_TRACEBACK:
+            raise
+        print(f"metamm {command}: interrupted during start-up; nothing was saved", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - every error becomes one line
         if _SHOW_TRACEBACK:
             raise

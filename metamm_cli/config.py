@@ -34,6 +34,16 @@ class EvalTask(enum.Enum):
     retrieval = "retrieval"
 
 
+class OnNan(enum.Enum):
+    stop = "stop"
+    skip = "skip"
+
+
+class Scheduler(enum.Enum):
+    none = "none"
+    cosine = "cosine"
+
+
 class Split(enum.Enum):
     train = "train"
     val = "val"
@@ -63,6 +73,10 @@ class TrainerConfig:
     val_every: int = 250
     val_episodes: int = 200
     ckpt_every: int = 250
+    keep_last: int = 0  # step_XXXXXXXX.pt checkpoints kept besides last.pt/best.pt
+    on_nan: OnNan = OnNan.stop  # non-finite loss/gradient: stop, or skip the update
+    scheduler: Scheduler = Scheduler.none
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume
     resume: Any = None  # null | true (latest run of this task) | path to a .pt or run folder
     progress: bool = True
     tensorboard: bool = True
@@ -143,6 +157,10 @@ _RANGES = [
     ("trainer.val_every", lambda v: v >= 1, ">= 1"),
     ("trainer.val_episodes", lambda v: v >= 1, ">= 1"),
     ("trainer.ckpt_every", lambda v: v >= 1, ">= 1"),
+    ("trainer.keep_last", lambda v: v >= 0, ">= 0"),
+    ("trainer.lr", lambda v: v < 3e38, "a float32 number (< 3e38)"),
+    ("trainer.weight_decay", lambda v: v < 3e38, "a float32 number (< 3e38)"),
+    ("trainer.grad_clip", lambda v: v is None or v < 3e38, "null or a float32 number (< 3e38)"),
     ("eval.episodes", lambda v: v >= 1, ">= 1"),
     ("eval.tasks_per_batch", lambda v: v >= 1, ">= 1"),
     ("align.weight", lambda v: v >= 0, ">= 0"),
@@ -162,6 +180,11 @@ def check_ranges(cfg: DictConfig) -> None:
     for p in OmegaConf.select(cfg, "eval.missing_sweep") or []:
         if not 0 <= p <= 1:
             raise ConfigError(f"eval.missing_sweep: {p} is out of range: rates must be in [0, 1]")
+
+
+    modalities = OmegaConf.select(cfg, "dataset.modalities", default=None)
+    if modalities is not None and len(modalities) == 0:
+        raise ConfigError("dataset.modalities=[] is empty: name at least one modality, or null for all")
     for group in ("dataset", "fusion", "algorithm"):
         node = cfg.get(group)
         if not isinstance(node, DictConfig) or "_target_" not in node:

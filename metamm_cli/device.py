@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import math
 import random
 from typing import Any
 
@@ -41,3 +43,34 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def make_deterministic(on: bool) -> None:
+    """``trainer.deterministic``: deterministic kernels (an error where none exists), no cuDNN
+    autotuning; with it, an interrupted and resumed run ends bit-identical to an uninterrupted one."""
+    import os
+
+    torch.use_deterministic_algorithms(bool(on), warn_only=False)
+    torch.backends.cudnn.benchmark = not on
+    torch.backends.cudnn.deterministic = bool(on)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def warn_amp(device: torch.device, amp: Any) -> str:
+    """The AMP mode's name; a warning where it only costs time (AMP on the CPU)."""
+    name = enum_name(amp)
+    if device.type == "cpu" and name != "none":
+        logging.getLogger("metamm").warning(
+            f"trainer.amp={name} on the CPU is emulated and often several times slower than fp32; "
+            f"use trainer.amp=none unless you are testing AMP")
+    return name
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, max_steps: int):
+    """``trainer.scheduler``: none (constant) or cosine (to 0 at max_steps), stepped per step."""
+    def factor(step: int) -> float:
+        if name != "cosine":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step, max_steps) / max(max_steps, 1)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -32,8 +32,11 @@ def mean_ci95(accs: torch.Tensor) -> Dict[str, float]:
 
 
 def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_per_batch: int,
-             autocast=contextlib.nullcontext) -> Dict[str, float]:
+             autocast=contextlib.nullcontext, progress: bool = False) -> Dict[str, float]:
     """Run ``episodes`` episodes (the sampler is re-seeded, so every call sees the same ones)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=episodes, disable=not progress, desc="eval", unit="episode", leave=False)
     was_training = algo.training
     algo.eval()
     sampler.reset()
@@ -44,6 +47,8 @@ def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_
             with autocast():
                 _, logits = algo(episode)
             accs.append(accuracy(logits, episode.query_labels))
+            bar.update(episode.num_tasks)
+    bar.close()
     algo.train(was_training)
     return mean_ci95(torch.cat(accs))
 
@@ -90,6 +95,12 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
     state = state or load_checkpoint(cfg.ckpt, prefer="best.pt")
     if "config" not in state or "model" not in state:
         raise ConfigError(f"--ckpt {state['path']}: checkpoint lacks its config or weights")
+    from metamm_cli.checkpoint import mismatch, non_finite
+
+    bad = non_finite(state["model"])
+    if bad:
+        raise ConfigError(f"--ckpt {state['path']}: {len(bad)} weight tensors are not finite (NaN/inf: "
+                          f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the run diverged")
     run_cfg = apply_overrides(state["config"], cfg, overrides)
     check_ranges(run_cfg)
     device = resolve_device(run_cfg.trainer.device)
@@ -99,7 +110,8 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
         algo.load_state_dict(state["model"])
     except RuntimeError as e:
         raise ConfigError(f"--ckpt {state['path']}: its weights do not fit the model of the "
-                          f"overridden config (was an encoder, fusion or algorithm key changed?)") from e
+                          f"overridden config (was an encoder, fusion or algorithm key changed? "
+                          f"{mismatch(algo, state['model'])})") from e
     E, V = run_cfg.episode, run_cfg.eval
     split = enum_name(V.split)
     if enum_name(V.task) == "retrieval":  # cross-modal retrieval instead of episodes
@@ -115,14 +127,19 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
         extra["episode_accuracies"] = accs.tolist()
     else:
         sampler = build_sampler(run_cfg, dataset, split, device, V.tasks_per_batch, V.seed)
-        result = evaluate(algo, sampler, V.episodes, V.tasks_per_batch, autocast)
+        result = evaluate(algo, sampler, V.episodes, V.tasks_per_batch, autocast,
+                          progress=run_cfg.trainer.progress)
         if V.missing_sweep:
             extra["missing_sweep"] = missing_sweep(algo, run_cfg, dataset, split, device, autocast)
     report = {**result, "split": split, "ckpt": state["path"], "step": state.get("step"), **extra,
               "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
-    print(f"accuracy: {result['accuracy']:.2f} +- {result['ci95']:.2f} "
-          f"(95% CI, {result['episodes']} episodes)")
+    line = (f"accuracy: {result['accuracy']:.2f} +- {result['ci95']:.2f} "
+            f"(95% CI, {result['episodes']} episodes)")
+    if logging.getLogger().handlers:  # under Hydra: the console and eval.log
+        log.info(line)
+    else:
+        print(line)
     log.info(f"{E.way}-way {E.shot}-shot on the {split} split; wrote {out_dir / 'eval.json'}")
     return report

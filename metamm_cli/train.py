@@ -1,56 +1,30 @@
-"""The one trainer loop, for every algorithm: episodes on the device, AMP, TensorBoard,
-periodic validation, atomic checkpoints and resume. It knows nothing about any algorithm."""
+"""The one trainer loop, for every algorithm: setup, the step, and the periodic events (log,
+validate, checkpoint, stop). What a checkpoint holds is RunState's (runstate.py). It knows
+nothing about any algorithm."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import random
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from metamm_cli import ConfigError
 from metamm_cli.algorithms import accuracy, build_algorithm
-from metamm_cli.checkpoint import load_checkpoint, save_checkpoint
+from metamm_cli.checkpoint import keep_last, save_checkpoint
 from metamm_cli.config import check_ranges
 from metamm_cli.data.episodes import build_sampler
-from metamm_cli.device import autocast_for, enum_name, resolve_device, seed_everything
+from metamm_cli.device import (autocast_for, enum_name, make_deterministic, make_scheduler, resolve_device,
+                               seed_everything, warn_amp)
 from metamm_cli.evaluate import evaluate
+from metamm_cli.runstate import (RUNNING, Run, RunState, StopSignals, Diverged, finished, finite_json, flat, merge_resume,
+                                 open_folder, restore, resume_state, stop_now, write_metrics)
 
 log = logging.getLogger("metamm")
-
-
-def find_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
-    """``trainer.resume``: null, true (this task's newest ``last.pt``) or a checkpoint/run path."""
-    resume = cfg.trainer.resume
-    if resume in (None, False, "", "false", "null"):
-        return None
-    if resume is True or resume == "true":
-        runs = Path(cfg.output_root) / cfg.task_name
-        found = sorted((p for p in runs.glob("*runs/**/checkpoints/last.pt")
-                        if run_dir.resolve() not in p.resolve().parents),
-                       key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise ConfigError(f"trainer.resume=true: no checkpoints/last.pt under {runs}/ to resume")
-        return found[-1]
-    return Path(str(resume))
-
-
-def _flat(cfg: Dict, prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def meta_backward(algo, episode, chunk: int, autocast=contextlib.nullcontext, scaler=None):
@@ -70,150 +44,175 @@ def meta_backward(algo, episode, chunk: int, autocast=contextlib.nullcontext, sc
     return loss_sum, acc_sum
 
 
-def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """Train ``cfg.algorithm`` on ``cfg.dataset``; returns (and writes) the final metrics."""
+def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[Dict]) -> Run:
+    changes = []
+    if ckpt is not None:
+        cfg, changes = merge_resume(ckpt["config"], cfg, overrides)
     check_ranges(cfg)
-    if run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-    run_dir = Path(run_dir)
     T, E = cfg.trainer, cfg.episode
     device = resolve_device(T.device)
     seed_everything(cfg.seed)
-    resume_path = find_resume(cfg, run_dir)
-
+    make_deterministic(T.deterministic)
     dataset = instantiate(cfg.dataset, _convert_="all")
     train_sampler = build_sampler(cfg, dataset, "train", device, T.meta_batch, cfg.seed)
     val_tasks = min(T.val_episodes, cfg.eval.tasks_per_batch)
     val_sampler = build_sampler(cfg, dataset, "val", device, val_tasks, cfg.seed + 1)
     algo = build_algorithm(cfg, dataset).to(device)
-    optimizer = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad],
-                                 lr=T.lr, weight_decay=T.weight_decay)
-    autocast = autocast_for(device, T.amp)
+    optimizer = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad], lr=T.lr,
+                                 weight_decay=T.weight_decay, fused=True)  # fused: skips on device
+    scheduler = make_scheduler(optimizer, enum_name(T.scheduler), T.max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=enum_name(T.amp) == "fp16")
-    step, best, best_step = 0, float("-inf"), 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, key="trainer.resume")
-        resume_path = Path(state["path"])
-        try:
-            algo.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"trainer.resume={resume_path}: checkpoint does not fit this config "
-                              f"({str(e).splitlines()[0][:100]})") from e
-        scaler.load_state_dict(state["scaler"])
-        step, best, best_step = state["step"], state["best_val_acc"], state["best_step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        try:
-            train_sampler.generator.set_state(state["rng"]["sampler"])
-        except RuntimeError:  # a CUDA generator's state does not fit a CPU one (or back)
-            log.warning("resuming on another device: episodes will differ from an uninterrupted run")
-        random.setstate(state["rng"]["python"])
-        log.info(f"resumed from {state['path']} at step {step}")
-
-    stored_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(stored_cfg))
-    ckpt_dir = run_dir / "checkpoints"
-    if resume_path is not None and (resume_path.parent / "best.pt").is_file():
-        ckpt_dir.mkdir(parents=True, exist_ok=True)  # the new run folder is complete on its own
-        shutil.copy2(resume_path.parent / "best.pt", ckpt_dir / "best.pt")
-
-    def save(name: str) -> None:
-        save_checkpoint(ckpt_dir / name, {
-            "step": step, "best_val_acc": best, "best_step": best_step, "config": stored_cfg,
-            "model": algo.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "sampler": train_sampler.generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                    "python": random.getstate()}})
-
-    writer = None
-    if T.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tb"))
+    run = Run(cfg, run_dir, device, algo, optimizer, scheduler, scaler, train_sampler, val_sampler,
+              val_tasks, autocast_for(device, T.amp), RunState({"model": algo, "optimizer": optimizer,
+                                                                "scheduler": scheduler, "scaler": scaler}, train_sampler, device))
+    if ckpt is not None:
+        restore(run, ckpt, changes)
+    open_folder(run, overrides, changes, resumed=ckpt is not None)
+    amp = warn_amp(device, T.amp)
     log.info(f"{dataset.describe()} | {E.way}-way {E.shot}-shot {E.query}-query | "
-             f"{type(algo).__name__} + {type(algo.model.fusion).__name__} on {device} | run dir {run_dir}")
+             f"{type(algo).__name__} + {type(algo.model.fusion).__name__} on {device} (amp {amp}) | "
+             f"run dir {run_dir}")
+    return run
 
-    chunk = T.task_chunk or T.meta_batch
-    loss_sum = torch.zeros((), device=device)
-    acc_sum = torch.zeros((), device=device)
-    seen, total_eps, total_time = 0, 0, 0.0
-    last: Dict[str, float] = {}
-    val: Optional[Dict[str, float]] = None
-    bar = tqdm(total=T.max_steps, initial=step, disable=not T.progress, dynamic_ncols=True,
-               desc="train", leave=False)
-    algo.train()
-    tick = time.perf_counter()
+
+def train_step(run: Run) -> None:
+    """One optimizer step. A non-finite loss or gradient skips the update on the device
+    (fused Adam's found_inf, as a GradScaler does) and is counted, without a host sync."""
+    T, S = run.cfg.trainer, run.state
+    episode = run.train_sampler.sample()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss, acc = meta_backward(run.algo, episode, T.task_chunk or T.meta_batch, run.autocast, run.scaler)
+    if run.scaler.is_enabled():
+        run.scaler.unscale_(run.optimizer)  # the scaler itself skips steps with non-finite gradients
+    grads = [p.grad for p in run.algo.parameters() if p.grad is not None]
+    norm = (torch.nn.utils.clip_grad_norm_(run.algo.parameters(), T.grad_clip) if T.grad_clip
+            else torch.nn.utils.get_total_norm(grads))
+    bad = ~torch.isfinite(loss) if run.scaler.is_enabled() else ~torch.isfinite(loss + norm)
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)
+    else:
+        run.optimizer.found_inf = bad.float()
+        run.optimizer.step()
+        del run.optimizer.found_inf
+    run.scaler.update()
+    run.scheduler.step()
+    S.record(loss, acc, bad, T.meta_batch)
+
+
+def check_divergence(run: Run) -> None:
+    """At log, validation and checkpoint points (they sync anyway): stop or report skips."""
+    bad, first = (int(v) for v in torch.stack([run.state.bad, run.state.first_bad]).tolist())
+    if bad == 0:
+        return
+    last = run.ckpt_dir / "last.pt"
+    if enum_name(run.cfg.trainer.on_nan) == "stop":
+        good = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+        raise Diverged(f"non-finite loss or gradient at step {first} (trainer.on_nan=stop); {good}; "
+                       f"lower trainer.lr or set trainer.grad_clip, or trainer.on_nan=skip")
+    log.warning(f"step {run.state.step}: {bad} updates skipped so far (non-finite loss or gradient, "
+                f"first at step {first}; trainer.on_nan=skip)")
+
+
+def log_train(run: Run) -> None:
+    run.episodes += run.state.tasks
+    run.last, run.window = run.state.take_log(run.window), 0.0
+    if run.bar is not None:
+        run.bar.set_postfix(loss=f"{run.last['train/loss']:.3f}", acc=f"{run.last['train/acc']:.1f}")
+    if run.writer:
+        for k, v in run.last.items():
+            run.writer.add_scalar(k, v, run.state.step)
+
+
+def validate(run: Run) -> Dict[str, float]:
+    S, T = run.state, run.cfg.trainer
+    val = evaluate(run.algo, run.val_sampler, T.val_episodes, run.val_tasks, run.autocast)
+    S.history.append(finite_json({"step": S.step, "val_acc": val["accuracy"], "val_acc_ci95": val["ci95"],
+                                  "train_loss": (run.last or {}).get("train/loss")}))
+    if run.writer:
+        run.writer.add_scalar("val/acc", val["accuracy"], S.step)
+        run.writer.add_scalar("val/acc_ci95", val["ci95"], S.step)
+    last = run.last
+    log.info(f"step {S.step}: val acc {val['accuracy']:.2f} +- {val['ci95']:.2f}"
+             + (f" | train loss {last['train/loss']:.3f} acc {last['train/acc']:.1f}"
+                f" | {last['episodes_per_s']:.0f} episodes/s" if last else ""))
+    if val["accuracy"] > S.best:
+        S.best, S.best_step = val["accuracy"], S.step
+        save_checkpoint(run.ckpt_dir / "best.pt", S.state_dict(run.stored_config()))
+    run.val = {**val, "step": S.step}
+    return run.val
+
+
+def checkpoint(run: Run) -> None:
+    """last.pt, and with trainer.keep_last=N also step_XXXXXXXX.pt, of which the N newest stay."""
+    save_checkpoint(run.ckpt_dir / "last.pt", run.state.state_dict(run.stored_config()))
+    run.saved_step = run.state.step
+    keep_last(run.ckpt_dir, run.state.step, run.cfg.trainer.keep_last)
+
+
+def periodic(run: Run, stopping: bool, tick: float) -> None:
+    """After a step: its time, then the divergence check, log, validate, checkpoint, each when due
+    (a stop request makes a checkpoint due)."""
+    T, step = run.cfg.trainer, run.state.step
+    due = [step == T.max_steps or step % every == 0 for every in (T.log_every, T.val_every, T.ckpt_every)]
+    due[2] = due[2] or stopping
+    if any(due) and run.device.type == "cuda":
+        torch.cuda.synchronize()  # only at event points: the time below is honest
+    run.timed(time.perf_counter() - tick)
+    if any(due):
+        check_divergence(run)
+    if due[0]:
+        log_train(run)
+    if due[1]:
+        validate(run)
+    if due[2]:
+        checkpoint(run)
+
+
+def train(cfg: DictConfig, run_dir: Optional[Path] = None, overrides: Optional[List[str]] = None,
+          ckpt: Optional[Dict] = None) -> Dict[str, Any]:
+    """Train ``cfg.algorithm`` on ``cfg.dataset`` (or continue ``ckpt``, the checkpoint that
+    ``trainer.resume`` names); returns (and writes) the final metrics."""
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        overrides = list(HydraConfig.get().overrides.task) if overrides is None else overrides
+    run_dir, overrides = Path(run_dir), overrides or []
+    ckpt = ckpt or resume_state(cfg)
+    done = finished(ckpt, cfg, overrides) if ckpt is not None else None
+    if done is not None:
+        return done
+    run = setup(cfg, run_dir, overrides, ckpt)
+    T = run.cfg.trainer
     try:
-        while step < T.max_steps:
-            episode = train_sampler.sample()
-            optimizer.zero_grad(set_to_none=True)
-            loss_total, acc_total = meta_backward(algo, episode, chunk, autocast, scaler)
-            loss_sum += loss_total
-            acc_sum += acc_total
-            if T.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(algo.parameters(), T.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seen += T.meta_batch
-            bar.update()
-            if step % T.log_every == 0 or step == T.max_steps:
-                elapsed = time.perf_counter() - tick  # .item() below is the only host sync
-                last = {"train/loss": loss_sum.item() / seen, "train/acc": acc_sum.item() / seen,
-                        "episodes_per_s": seen / elapsed}
-                total_eps, total_time = total_eps + seen, total_time + elapsed
-                loss_sum.zero_(), acc_sum.zero_()
-                seen, tick = 0, time.perf_counter()
-                bar.set_postfix(loss=f"{last['train/loss']:.3f}", acc=f"{last['train/acc']:.1f}",
-                                eps=f"{last['episodes_per_s']:.0f}")
-                if writer:
-                    for k, v in last.items():
-                        writer.add_scalar(k, v, step)
-            paused = time.perf_counter()  # validation and checkpoints are not training time
-            if step % T.val_every == 0 or step == T.max_steps:
-                val = evaluate(algo, val_sampler, T.val_episodes, val_tasks, autocast)
-                if writer:
-                    writer.add_scalar("val/acc", val["accuracy"], step)
-                    writer.add_scalar("val/acc_ci95", val["ci95"], step)
-                log.info(f"step {step}: val acc {val['accuracy']:.2f} +- {val['ci95']:.2f}"
-                         + (f" | train loss {last['train/loss']:.3f} acc {last['train/acc']:.1f}"
-                            f" | {last['episodes_per_s']:.0f} episodes/s" if last else ""))
-                if val["accuracy"] > best:
-                    best, best_step = val["accuracy"], step
-                    save("best.pt")
-            if step % T.ckpt_every == 0 or step == T.max_steps:
-                save("last.pt")
-            tick += time.perf_counter() - paused
-    except KeyboardInterrupt:
-        bar.close()
-        save("last.pt")
-        log.warning(f"interrupted at step {step}; checkpoint saved, resume with "
-                    f"trainer.resume={ckpt_dir / 'last.pt'}")
-        raise SystemExit(130)
-    bar.close()
-    if val is None:  # nothing left to train (max_steps reached): still report validation
-        val = evaluate(algo, val_sampler, T.val_episodes, val_tasks, autocast)
-        if not (ckpt_dir / "last.pt").exists():
-            save("last.pt")
-    metrics = {"step": step, "val_acc": val["accuracy"], "val_acc_ci95": val["ci95"],
-               "val_episodes": val["episodes"], "best_val_acc": max(best, val["accuracy"]),
-               "best_step": best_step if best >= val["accuracy"] else step,
-               "train_loss": last.get("train/loss"), "train_acc": last.get("train/acc"),
-               "episodes_per_s": total_eps / total_time if total_time else None,
-               "train_time_s": total_time, "device": str(device), "run_dir": str(run_dir),
-               "resumed_from": str(resume_path) if resume_path else None}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if writer:
-        writer.add_hparams(_flat(stored_cfg), {"hparam/val_acc": metrics["val_acc"],
-                                               "hparam/best_val_acc": metrics["best_val_acc"]},
-                           run_name=".")
-        writer.close()
-    print(f"run directory: {run_dir}")
+        run.bar = tqdm(total=T.max_steps, initial=run.state.step, disable=not T.progress,
+                       dynamic_ncols=True, desc="train", leave=False)
+        with StopSignals() as stop:
+            while run.state.step < T.max_steps:
+                tick = time.perf_counter()
+                train_step(run)
+                run.bar.update()
+                periodic(run, stop.signum is not None, tick)
+                if stop.signum is not None and run.state.step < T.max_steps:
+                    run.bar.close()
+                    stop_now(run, stop.signum)
+        run.bar.close()
+        return finish(run)
+    finally:
+        if run.writer:
+            run.writer.close()
+        (run_dir / RUNNING).unlink(missing_ok=True)
+
+
+def finish(run: Run) -> Dict[str, Any]:
+    S = run.state
+    val = run.val if run.val and run.val["step"] == S.step else validate(run)
+    if run.saved_step != S.step:
+        checkpoint(run)
+    metrics = write_metrics(run, val)
+    if run.writer:
+        run.writer.add_hparams(flat(run.stored_config()), {f"hparam/{k}": metrics[k] or 0.0 for k in
+                                                           ("val_acc", "best_val_acc")}, run_name=".", global_step=S.step)
+    print(f"run directory: {run.run_dir}")
     print(f"final validation accuracy: {val['accuracy']:.2f} +- {val['ci95']:.2f} "
-          f"(95% CI, {val['episodes']} episodes, step {step})")
+          f"(95% CI, {val['episodes']} episodes, step {S.step})")
     return metrics

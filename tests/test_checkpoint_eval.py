@@ -63,3 +63,28 @@ def test_eval_overrides_apply_to_checkpoint_config():
     assert merged.eval.episodes == 7
     with pytest.raises(ConfigError, match="exp"):
         apply_overrides(stored, cfg, ["+exp=smoke"])
+
+
+def test_checkpoint_guards(tmp_path):
+    """Non-finite weights are never written; orphans of a killed write go; old/new formats say which."""
+    path = tmp_path / "last.pt"
+    (tmp_path / ".last.pt.abc.tmp").write_bytes(b"half")
+    save_checkpoint(path, {"step": 1, "model": {"w": torch.ones(2)}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    with pytest.raises(ConfigError, match="non-finite model tensors .*w"):
+        save_checkpoint(path, {"step": 2, "model": {"w": torch.tensor([1.0, float("nan")])}})
+    assert load_checkpoint(path)["step"] == 1
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "version": 1}, path)
+    assert load_checkpoint(path)["step"] == 1  # eval reads format 1 ...
+    with pytest.raises(ConfigError, match="format version 1 .*older metamm"):
+        load_checkpoint(path, key="trainer.resume", versions=(2,))  # ... resuming needs 2
+
+
+def test_keep_last_keeps_the_newest(tmp_path):
+    from metamm_cli.checkpoint import keep_last
+    for step in (4, 8, 12):
+        (tmp_path / "last.pt").write_bytes(str(step).encode())
+        keep_last(tmp_path, step, 2)
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000008.pt", "step_00000012.pt"]
+    assert (tmp_path / "step_00000012.pt").read_bytes() == b"12"

@@ -13,8 +13,12 @@ def test_train_writes_run_folder(smoke_run):
     run = smoke_run["run_dir"]
     assert run.parent.parent == smoke_run["cwd"] / "outputs" / "smoke"
     for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.json", "train.log",
-                 ".hydra/config.yaml"):
+                 ".hydra/config.yaml", "config.yaml", "run.json"):
         assert (run / name).is_file(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["overrides"] == ["+exp=smoke"] and info["torch"] == torch.__version__ and info["device"]
+    assert [h["step"] for h in json.loads((run / "metrics.json").read_text())["history"]] == [4, 8]
+    assert not (run / "RUNNING").exists()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 8 and 0 <= metrics["val_acc"] <= 100
     assert f"{metrics['val_acc']:.2f}" in smoke_run["proc"].stdout  # printed at the end
@@ -49,6 +53,8 @@ def test_eval_checkpoint_with_overrides(smoke_run):
     assert report["config"]["episode"]["way"] == 4  # override applied ...
     assert report["config"]["episode"]["shot"] == 1 and report["config"]["encoder"]["dim"] == 16  # ... on the checkpoint's config
     assert line[0] == f"accuracy: {report['accuracy']:.2f} +- {report['ci95']:.2f} (95% CI, 30 episodes)"
+    assert out.parent.name.endswith(f"_smoke_{smoke_run['run_dir'].name}_best")  # says which run
+    assert line[0] in (out.parent / "eval.log").read_text()
 
 
 def test_eval_is_reproducible(smoke_run):
@@ -66,6 +72,8 @@ def test_resume_continues_exactly(tmp_path):
     first = run_dir_of(run_metamm(base, tmp_path))
     resumed = run_metamm(base + ["trainer.max_steps=12", f"trainer.resume={first}"], tmp_path)
     assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    assert "resume: trainer.max_steps: 8 -> 12" in resumed.stdout
+    assert run_dir_of(resumed) == first  # one run, one folder
     straight = run_metamm(base + ["trainer.max_steps=12"], tmp_path)
     a = torch.load(run_dir_of(resumed) / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(run_dir_of(straight) / "checkpoints" / "last.pt", weights_only=True)
@@ -73,7 +81,7 @@ def test_resume_continues_exactly(tmp_path):
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     again = run_metamm(base + ["trainer.max_steps=12", "trainer.resume=true"], tmp_path)
-    assert "at step 12" in again.stdout  # true: the newest last.pt of this task
+    assert "finished at step 12" in again.stdout  # true: the newest last.pt of this task
 
 
 def test_multirun_three_jobs(tmp_path):
@@ -98,6 +106,7 @@ def test_multirun_three_jobs(tmp_path):
 def test_train_argument_forms(tmp_path):
     assert "train" in run_metamm(["--help"], tmp_path).stdout
     assert "eval" in run_metamm(["--help"], tmp_path).stdout
+    assert "--ckpt PATH" in run_metamm(["eval", "--help"], tmp_path).stdout
     hydra_help = run_metamm(["train", "--help"], tmp_path).stdout
     assert "fusion: am3, attention, concat, film, gated, graph, late, lowrank, mean, mlp, weighted" in hydra_help
     job = run_metamm(["train", *SMOKE, "fusion=attention", "--cfg", "job"], tmp_path).stdout

@@ -46,6 +46,7 @@ def assert_one_line_error(proc, needles):
 def test_bad_input_is_one_line(tmp_path, args, needles):
     assert_one_line_error(run_metamm(args, tmp_path, check=False), needles)
     assert not list(tmp_path.glob("outputs/*/runs/*/checkpoints"))  # nothing half-made
+    assert not list(tmp_path.glob("outputs/*/runs/*"))  # a failed start leaves no run folder
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", None])

@@ -1,6 +1,9 @@
 """The trainer loop called as a function: interruption, chunked meta-batches."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from conftest import compose_cfg
@@ -15,13 +18,14 @@ FAST = ["+exp=smoke", "trainer.tensorboard=false"]
 
 
 def test_interrupt_saves_a_resumable_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) during step 6 finishes that step, then saves it: no half-done step."""
     real_sample, calls = EpisodeSampler.sample, {"n": 0}
 
     def sample(self, tasks=None):
         if self.split.num_classes == 125:  # the training sampler (smoke: 5**3 train classes)
             calls["n"] += 1
             if calls["n"] == 6:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
         return real_sample(self, tasks)
 
     monkeypatch.setattr(EpisodeSampler, "sample", sample)
@@ -29,7 +33,8 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path, monkeypatch):
         train(compose_cfg(FAST), run_dir=tmp_path / "a")
     assert stop.value.code == 130
     state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["step"] == 5
+    assert state["step"] == 6 and calls["n"] == 6
+    assert not (tmp_path / "a" / "RUNNING").exists()
     monkeypatch.setattr(EpisodeSampler, "sample", real_sample)
     metrics = train(compose_cfg(FAST + [f"trainer.resume={tmp_path / 'a'}"]), run_dir=tmp_path / "b")
     assert metrics["step"] == 8 and metrics["resumed_from"].endswith("last.pt")
@@ -64,13 +69,17 @@ def test_task_chunks_give_the_same_gradient(algorithm):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("algorithm", ["protonet", "maml"])
-def test_mixed_precision_trains(tmp_path, amp, algorithm):
+def test_mixed_precision_trains(tmp_path, amp, algorithm, caplog):
     """autocast (and fp16's GradScaler) on whatever device is here; the CPU in CI."""
+    caplog.set_level("INFO", logger="metamm")
     metrics = train(compose_cfg(FAST + [f"algorithm={algorithm}", f"trainer.amp={amp}",
                                         "trainer.max_steps=2", "trainer.val_every=2"]),
                     run_dir=tmp_path)
     assert metrics["step"] == 2 and 0 <= metrics["val_acc"] <= 100
     assert metrics["train_loss"] is not None and metrics["train_loss"] == metrics["train_loss"]  # not NaN
+    assert f"(amp {amp})" in caplog.text
+    if metrics["device"] == "cpu":
+        assert f"trainer.amp={amp} on the CPU" in caplog.text
 
 
 def test_resume_with_a_foreign_sampler_state_warns(tmp_path, caplog):
@@ -81,6 +90,6 @@ def test_resume_with_a_foreign_sampler_state_warns(tmp_path, caplog):
     state["rng"]["sampler"] = torch.zeros(16, dtype=torch.uint8)  # e.g. a CUDA generator's state
     save_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt", {k: v for k, v in state.items()
                                                                  if k not in ("format", "version", "path")})
-    metrics = train(compose_cfg(FAST + ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'a'}"]),
-                    run_dir=tmp_path / "b")
+    over = ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'a'}"]
+    metrics = train(compose_cfg(FAST + over), run_dir=tmp_path / "b", overrides=over)
     assert metrics["step"] == 4 and "another device" in caplog.text
