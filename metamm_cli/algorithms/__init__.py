@@ -15,5 +15,7 @@ __all__ = ["MetaAlgorithm", "accuracy", "build_algorithm"]
 
 def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[int] = None) -> MetaAlgorithm:
     """Model (encoders + fusion) from the config, wrapped by ``algorithm._target_``; ``way`` is
-    the training way (a checkpoint's, when evaluating at another way)."""
-    return instantiate(cfg.algorithm, model=build_model(cfg, dataset), way=way or cfg.episode.way)
+    the training way (a checkpoint's, when evaluating at another way); ``num_classes`` is the
+    number of classes of the training split."""
+    return instantiate(cfg.algorithm, model=build_model(cfg, dataset), way=way or cfg.episode.way,
+                       num_classes=dataset.split("train").num_classes)
