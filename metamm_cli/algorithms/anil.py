@@ -16,7 +16,7 @@ class ANIL(MAML):
     def fast_names(self):
         return ["head.weight", "head.bias"]
 
-    def task_fn(self, steps: int):
+    def task_fn(self, steps: int, functional: bool = True):
         def task(fast, shared, lrs, sx, sp, sy, qx, qp, qy):
             body = {k[len("model."):]: v for k, v in shared.items() if k.startswith("model.")}
             zs = functional_call(self.net.model, body, (sx, sp))
@@ -24,7 +24,7 @@ class ANIL(MAML):
 
             def support_loss(p):
                 return F.cross_entropy(upcast(F.linear(zs, p["head.weight"], p["head.bias"])), sy)
-            fast = sgd_adapt(support_loss, fast, lrs or self.inner_lr, steps, self.first_order)
+            fast = sgd_adapt(support_loss, fast, lrs or self.inner_lr, steps, self.first_order, functional)
             logits = upcast(F.linear(zq, fast["head.weight"], fast["head.bias"]))
             return F.cross_entropy(logits, qy), logits
         return task

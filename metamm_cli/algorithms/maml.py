@@ -90,24 +90,25 @@ class MAML(MetaAlgorithm):
         return self.inner_steps if self.training else self.inner_steps_eval
 
     # -- the per-task program ------------------------------------------------------------------
-    def task_fn(self, steps: int):
+    def task_fn(self, steps: int, functional: bool = True):
         """``(fast, shared, lrs, sx, sp, sy, qx, qp, qy) -> (query loss, query logits)`` for one task."""
         def task(fast, shared, lrs, sx, sp, sy, qx, qp, qy):
             def support_loss(p):
                 return F.cross_entropy(upcast(functional_call(self.net, {**shared, **p}, (sx, sp))), sy)
-            fast = sgd_adapt(support_loss, fast, lrs or self.inner_lr, steps, self.first_order)
+            fast = sgd_adapt(support_loss, fast, lrs or self.inner_lr, steps, self.first_order, functional)
             logits = upcast(functional_call(self.net, {**shared, **fast}, (qx, qp)))
             return F.cross_entropy(logits, qy), logits
         return task
 
-    def run(self, fn, episode, *shared):
-        return run_tasks(fn, shared, (episode.support, episode.support_present, episode.support_labels,
+    def run(self, episode, *shared):
+        steps = self.steps
+        return run_tasks(lambda functional: self.task_fn(steps, functional), shared, (episode.support, episode.support_present, episode.support_labels,
                                       episode.query, episode.query_present, episode.query_labels),
                          self.execution)
 
     def forward(self, episode):
         fast, shared = self.initial_params(episode.way)
-        losses, logits = self.run(self.task_fn(self.steps), episode, fast, shared, self.learned_lrs())
+        losses, logits = self.run(episode, fast, shared, self.learned_lrs())
         return losses.mean(), logits
 
 

@@ -42,13 +42,13 @@ class Reptile(MAML):
                          inner_steps_eval=inner_steps_eval, first_order=True, head=head,
                          execution=execution)
 
-    def task_fn(self, steps: int):
+    def task_fn(self, steps: int, functional: bool = True):
         transductive = self.training
 
         def task(fast, shared, lrs, sx, sp, sy, qx, qp, qy):
             def support_loss(p):
                 return F.cross_entropy(upcast(functional_call(self.net, {**shared, **p}, (sx, sp))), sy)
-            fast = sgd_adapt(support_loss, fast, self.inner_lr, steps, first_order=True)
+            fast = sgd_adapt(support_loss, fast, self.inner_lr, steps, first_order=True, functional=functional)
             params = {**shared, **fast}
             if transductive:
                 logits = upcast(functional_call(self.net, params, (qx, qp)))
@@ -64,7 +64,7 @@ class Reptile(MAML):
         theta, shared = self.initial_params(episode.way)
         detached = ({k: p.detach() for k, p in theta.items()}, {k: p.detach() for k, p in shared.items()})
         with torch.enable_grad():
-            adapted, logits = self.run(self.task_fn(self.steps), episode, *detached, {})
+            adapted, logits = self.run(episode, *detached, {})
         if not self.training:
             return self.loss(logits, episode.query_labels), logits
         return reptile_loss(theta, adapted), logits
