@@ -67,8 +67,9 @@ def main():
         with contextlib.redirect_stdout(sys.stderr):
             metrics = train(compose_config(ov), run_dir=run_dir)
             seconds = time.perf_counter() - start
-            ecfg = compose_config([f"+ckpt={run_dir / 'checkpoints' / 'best.pt'}"], name="eval")
-            test = evaluate_checkpoint(ecfg, [], run_dir / "eval")
+            eval_ov = [o for o in overrides if o.startswith("eval.")]
+            ecfg = compose_config([f"+ckpt={run_dir / 'checkpoints' / 'best.pt'}", *eval_ov], name="eval")
+            test = evaluate_checkpoint(ecfg, eval_ov, run_dir / "eval")
         rows[name] = {"test_acc": test["accuracy"], "test_ci95": test["ci95"],
                       "test_episodes": test["episodes"], "best_val_acc": metrics["best_val_acc"],
                       "train_s": seconds, "episodes_per_s": metrics["episodes_per_s"],
