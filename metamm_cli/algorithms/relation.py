@@ -37,8 +37,10 @@ class RelationNet(MetaAlgorithm):
         if hidden < 1:
             raise ConfigError(f"algorithm.hidden={hidden} is out of range: must be >= 1")
         D = model.out_dim
-        self.relation = nn.Sequential(nn.Linear(2 * D, 2 * D), nn.ReLU(), nn.Linear(2 * D, hidden),
-                                      nn.ReLU(), nn.Linear(hidden, 1))
+        # LayerNorm on the pair (the paper's relation module has BatchNorm in its conv blocks):
+        # without it the ReLUs die on unnormalised embeddings and every pair scores the same
+        self.relation = nn.Sequential(nn.LayerNorm(2 * D), nn.Linear(2 * D, 2 * D), nn.ReLU(),
+                                      nn.Linear(2 * D, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.loss_kind = loss
 
     def forward(self, episode):
