@@ -22,6 +22,7 @@ from _common import compose_config
 from hydra.utils import instantiate
 
 from metamm_cli.algorithms import build_algorithm
+from metamm_cli.algorithms.functional import resolve_execution
 from metamm_cli.algorithms.maml import meta_loss_loop
 from metamm_cli.data.episodes import EpisodeSampler
 from metamm_cli.device import autocast_for, resolve_device
@@ -81,7 +82,8 @@ def main():
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-        built[name] = (step, getattr(algo, "execution", None))
+        execution = getattr(algo, "execution", None)
+        built[name] = (step, "l2l loop" if l2l else execution and resolve_execution(execution, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step, _ in built.values():  # warm-up (also compiles kernels / autotunes)
         step()

@@ -128,3 +128,15 @@ def test_reptile_update_equals_formula():
     assert loss.item() == pytest.approx(0.5 * ((1 + 4) + (1 + 4)) / 2)
     (g,) = torch.autograd.grad(loss, theta["w"])
     torch.testing.assert_close(g, torch.tensor([0.0, 2.0]))  # theta - mean(phi) = [1,2] - [1,0]
+
+
+@pytest.mark.parametrize("algorithm", sorted(p.stem for p in CONFIGS.glob("algorithm/*.yaml")))
+def test_every_algorithm_runs_under_bf16_autocast(algorithm):
+    algo, ep = setup(f"algorithm={algorithm}", "fusion=attention", tasks=2, double=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = algo(ep)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.shape == (2, ep.query_labels.shape[1], ep.way)
+    algo.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(algo(ep)[1]).all()

@@ -31,7 +31,7 @@ EXECUTIONS = ("auto", "vmap", "loop")
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """float16/bfloat16 -> float32 (losses and statistics under AMP); float32/64 unchanged."""
-    return upcast(x) if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def sgd_step(params: Params, grads: Params, lr: LR, first_order: bool = False) -> Params:
