@@ -27,8 +27,7 @@ class Reptile(MAML):
     meta-loss :func:`reptile_loss` pulls ``theta`` towards the adapted weights, so it fits the
     one-loss interface and the trainer's optimizer. Outer learning rate: with plain SGD at lr
     ``eps`` the trainer's step would be exactly Reptile's ``theta - eps (theta - phi_bar)``; the
-    trainer's Adam at ``trainer.lr`` rescales it per coordinate (the paper also uses Adam-like
-    meta-steps in its implementation only for the inner loop; set ``trainer.lr`` as the step size).
+    trainer's Adam at ``trainer.lr`` normalises the same direction per coordinate.
 
     Evaluation is the paper's *non-transductive* one: after adapting on the support set, each
     query is classified on its own, with the norm statistics of the support set plus that one
