@@ -143,3 +143,17 @@ def test_bad_options_are_refused(target, kwargs, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")) as err:
         Algo(Tiny(), 3, num_classes=10, **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_gnn_graph_per_query_and_edge_mlp_by_hand():
+    """One graph per query: the support nodes [z, onehot(y)] then that query's node [z, 1/N]; the
+    edge MLP is a learned MLP minus the L1 distance (a soft nearest-neighbour graph at start)."""
+    from metamm_cli.algorithms.gnn import EdgeMLP, graph_nodes
+    zs, zq = torch.tensor([[[1.0], [2.0]]]), torch.tensor([[[5.0], [6.0], [7.0]]])
+    x = graph_nodes(zs, torch.tensor([[1, 0]]), zq, 2)
+    assert x.shape == (1, 3, 3, 3)
+    for q in range(3):
+        torch.testing.assert_close(x[0, q], torch.tensor([[1.0, 0, 1], [2.0, 1, 0], [5.0 + q, 0.5, 0.5]]))
+    mlp = EdgeMLP(3, 4)
+    d = torch.rand(5, 3)
+    torch.testing.assert_close(mlp(d), mlp.net(d) - d.sum(-1, keepdim=True))
