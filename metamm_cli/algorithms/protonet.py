@@ -1,10 +1,17 @@
-"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017)."""
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017), with a choice of distance."""
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from metamm_cli import ConfigError
 from metamm_cli.algorithms.base import MetaAlgorithm
+
+DISTANCES = ("sq_euclidean", "euclidean", "manhattan", "cosine")
 
 
 def prototypes(z: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
@@ -19,23 +26,50 @@ def squared_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             + b.pow(2).sum(-1)[..., None, :]).clamp_min(0)
 
 
+def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||a_i - b_j||`` (the square root is kept away from 0, where its gradient is infinite)."""
+    return squared_euclidean(a, b).clamp_min(1e-12).sqrt()
+
+
+def manhattan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_d |a_id - b_jd|`` -> ``[T, Q, N]``."""
+    return (a[..., :, None, :] - b[..., None, :, :]).abs().sum(-1)
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a_i, b_j> / (|a_i| |b_j|)`` -> ``[T, Q, N]``."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(-1, -2)
+
+
 class ProtoNet(MetaAlgorithm):
     """Embed support and query of every task in one call, average each class's support
-    embeddings into a prototype, and score queries by negative squared Euclidean distance."""
+    embeddings into a prototype, and score queries by a negative distance
+    (``distance=sq_euclidean`` as in the paper, ``euclidean``, ``manhattan``), or by
+    ``cosine`` similarity times a learned temperature (initialised to ``temperature``)."""
 
-    prototype_fusion = True  # prototype-level fusions (am3, late) build the logits: see below
+    prototype_fusion = True  # prototype-level fusions (am3, late) build the logits from scores()
+
+    def __init__(self, model, way, num_classes: Optional[int] = None,
+                 distance: str = "sq_euclidean", temperature: float = 10.0):
+        super().__init__(model, way, num_classes)
+        if distance not in DISTANCES:
+            raise ConfigError(f"algorithm.distance={distance}: must be one of {', '.join(DISTANCES)}")
+        if not temperature > 0:
+            raise ConfigError(f"algorithm.temperature={temperature} is out of range: must be > 0")
+        self.distance = distance
+        if distance == "cosine":
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
 
     def scores(self, zq: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-        return -squared_euclidean(zq, protos)
+        if self.distance == "cosine":
+            return self.log_temperature.exp() * cosine_similarity(zq, protos)
+        return -{"sq_euclidean": squared_euclidean, "euclidean": euclidean,
+                 "manhattan": manhattan}[self.distance](zq, protos)
 
     def forward(self, episode):
         if getattr(self.model.fusion, "level", "sample") == "prototype":  # am3, late: the fusion mixes prototypes/scores
             logits = self.model.fusion.episode_logits(self.model, episode, self.scores)
             return self.loss(logits, episode.query_labels), logits
-        nk = episode.support_labels.shape[1]
-        inputs = {m: torch.cat([episode.support[m], episode.query[m]], 1) for m in episode.support}
-        present = torch.cat([episode.support_present, episode.query_present], 1)
-        z = self.embed(inputs, present).float()
-        protos = prototypes(z[:, :nk], episode.support_labels, episode.way)
-        logits = self.scores(z[:, nk:], protos)
+        zs, zq = self.embed_episode(episode)
+        logits = self.scores(zq, prototypes(zs, episode.support_labels, episode.way))
         return self.loss(logits, episode.query_labels), logits

@@ -1,0 +1,68 @@
+"""Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra, NeurIPS 2016)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metamm_cli import ConfigError
+from metamm_cli.algorithms.base import MetaAlgorithm
+from metamm_cli.algorithms.protonet import cosine_similarity
+
+
+def matching_log_probs(zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor, way: int,
+                       scale: float = 1.0) -> torch.Tensor:
+    """``log sum_i a(q, s_i) onehot(y_i)`` with ``a = softmax_i(scale * cos(q, s_i))``:
+    ``zs [T, S, D]``, ``ys [T, S]``, ``zq [T, Q, D]`` -> ``[T, Q, way]``."""
+    attn = (scale * cosine_similarity(zq, zs)).softmax(-1)  # [T, Q, S]
+    return (attn @ F.one_hot(ys, way).to(attn.dtype)).clamp_min(1e-12).log()
+
+
+class FullContextEmbedding(nn.Module):
+    """The paper's full-context embeddings: support ``g = z + fwd + bwd`` of a bidirectional LSTM
+    over the support set; query ``f`` from ``steps`` rounds of an attention LSTM reading the
+    support (state ``h + r``, the common single-width form of the paper's ``[h, r]``)."""
+
+    def __init__(self, dim: int, steps: int):
+        super().__init__()
+        self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
+        self.query_cell = nn.LSTMCell(dim, dim)
+        self.steps = steps
+
+    def forward(self, zs, zq):
+        out, _ = self.support_lstm(zs)  # [T, S, 2D]
+        g = zs + out[..., : zs.shape[-1]] + out[..., zs.shape[-1]:]
+        T, Q, D = zq.shape
+        x = zq.reshape(T * Q, D)
+        h, c = torch.zeros_like(x), torch.zeros_like(x)
+        gq = g.repeat_interleave(Q, 0)  # [T*Q, S, D]
+        for _ in range(self.steps):
+            r = ((h[:, None] @ gq.transpose(1, 2)).softmax(-1) @ gq).squeeze(1)
+            h, c = self.query_cell(x, (h + r, c))
+            h = h + x
+        return g, h.reshape(T, Q, D)
+
+
+class MatchingNet(MetaAlgorithm):
+    """Each query is labelled by cosine attention over the support embeddings (the paper's
+    ``P(y|x, S) = sum_i a(x, x_i) y_i``); ``fce=true`` adds the full-context embeddings.
+    ``scale`` multiplies the cosine before the softmax (1 in the paper). Any way at test time."""
+
+    def __init__(self, model, way, num_classes: Optional[int] = None, fce: bool = False,
+                 fce_steps: int = 5, scale: float = 1.0):
+        super().__init__(model, way, num_classes)
+        if fce_steps < 1:
+            raise ConfigError(f"algorithm.fce_steps={fce_steps} is out of range: must be >= 1")
+        if not scale > 0:
+            raise ConfigError(f"algorithm.scale={scale} is out of range: must be > 0")
+        self.fce = FullContextEmbedding(model.out_dim, fce_steps) if fce else None
+        self.scale = scale
+
+    def forward(self, episode):
+        zs, zq = self.embed_episode(episode)
+        if self.fce is not None:
+            zs, zq = self.fce(zs, zq)
+        logits = matching_log_probs(zs.float(), episode.support_labels, zq.float(), episode.way, self.scale)
+        return F.nll_loss(logits.flatten(0, 1), episode.query_labels.flatten()), logits
