@@ -36,7 +36,7 @@ class EdgeMLP(nn.Module):
 
 
 class EdgeSimilarity(nn.Module):
-    """Learned adjacency ``A_ij = softmax_j(MLP(|x_i - x_j|))`` over ``j != i``: ``[..., V, F] -> [..., V, V]``."""
+    """Adjacency ``A_ij = softmax_j(MLP(|x_i - x_j|))`` over ``j != i``: ``[..., V, F] -> [..., V, V]``."""
 
     def __init__(self, features: int, hidden: int):
         super().__init__()
