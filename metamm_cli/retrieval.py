@@ -22,7 +22,7 @@ from typing import Dict, Sequence
 import torch
 
 from metamm_cli import ConfigError
-from metamm_cli.data.episodes import SplitData
+from metamm_cli.data.episodes import gather_modalities, SplitData
 
 KS = (1, 5, 10)
 
@@ -50,7 +50,8 @@ def embed_modality(algo, split: SplitData, modality: str, batch: int = 512) -> t
     prototype_level = getattr(model.fusion, "level", "sample") == "prototype"
     out = []
     for start in range(0, len(split.labels), batch):
-        inputs = {m: x[start:start + batch] for m, x in split.data.items()}
+        rows = torch.arange(start, min(start + batch, len(split.labels)), device=split.labels.device)
+        inputs = gather_modalities(split.data, rows)  # as in episodes: uint8 images become float
         present = torch.zeros_like(split.present[start:start + batch])
         present[:, col] = True
         if prototype_level:
