@@ -19,6 +19,10 @@ class ANIL(MAML):
     def task_fn(self, steps: int, functional: bool = True):
         def task(fast, shared, lrs, sx, sp, sy, qx, qp, qy):
             body = {k[len("model."):]: v for k, v in shared.items() if k.startswith("model.")}
+            if functional:  # per-task copies of the shared body, as MAML's adapted weights are: on
+                # CUDA, vmap + autocast left a conv with unbatched weights with a float32 bias
+                zero = sy.sum() * 0
+                body = {k: v + zero.to(v.dtype) for k, v in body.items()}
             zs = functional_call(self.net.model, body, (sx, sp))
             zq = functional_call(self.net.model, body, (qx, qp))
 
