@@ -26,7 +26,8 @@ OPTIONS += [f"+exp={p.stem}" for p in sorted((CONFIGS / "exp").glob("*.yaml"))]
 @pytest.mark.parametrize("option", OPTIONS)
 def test_every_option_builds_and_runs(option):
     over = [option] if option.startswith("+exp") else ["+exp=smoke", option]
-    cfg = compose_cfg(over + ["encoder.dim=16"])
+    small = [f"encoder.{m}.hidden=8" for m in ("image", "audio", "strokes")]  # presets at test size
+    cfg = compose_cfg(over + ["encoder.dim=16", *small])
     dataset = instantiate(cfg.dataset, _convert_="all")
     algo = build_algorithm(cfg, dataset)
     assert isinstance(algo, MetaAlgorithm)
