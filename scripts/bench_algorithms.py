@@ -18,7 +18,7 @@ import json
 import time
 
 import torch
-from _common import compose_config
+from _common import compose_config, measure
 from hydra.utils import instantiate
 
 from metamm_cli.algorithms import build_algorithm
@@ -62,6 +62,8 @@ def main():
     table = rows(args.small)
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
+        if not table:
+            raise SystemExit(f"--only {args.only}: no such row; rows: {', '.join(rows(args.small))}")
     built = {}
     for name, (ov, l2l) in table.items():
         cfg = compose_config([*base, *ov, *overrides])
@@ -84,33 +86,17 @@ def main():
             scaler.update()
         execution = getattr(algo, "execution", None)
         built[name] = (step, "l2l loop" if l2l else execution and resolve_execution(execution, device))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step, _ in built.values():  # warm-up (also compiles kernels / autotunes)
-        step()
-        step()
-    times = {k: [] for k in built}
-    peak = {}
-    for _ in range(repeats):
-        for name, (step, _) in built.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peak[name] = torch.cuda.max_memory_allocated() / 2**20
+    timed = measure({k: step for k, (step, _) in built.items()}, device, repeats, warmup=2)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "settings": {"tasks_per_step": tasks, "episode": "5-way 1-shot 15-query",
                            "encoder": f"conv4, {width} channels, 28x28x1", "amp": args.amp,
                            "repeats": repeats, "small": args.small, "overrides": overrides},
               "date": time.strftime("%Y-%m-%d"), "rows": {}}
-    for name, ts in times.items():
-        ms = 1000 * sorted(ts)[len(ts) // 2]
+    for name, t in timed.items():
+        ms = t["step_ms"]
         result["rows"][name] = {"step_ms": round(ms, 2), "tasks_per_s": round(tasks / (ms / 1000), 1),
-                                "peak_mem_mib": round(peak[name], 1) if name in peak else None,
+                                "peak_mem_mib": t["peak_mem_mib"] and round(t["peak_mem_mib"], 1),
                                 "execution": built[name][1]}
     print(json.dumps(result, indent=2))
 

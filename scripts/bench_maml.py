@@ -10,36 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
-from _common import compose_config
+from _common import compose_config, measure
 from hydra.utils import instantiate
 
 from metamm_cli.algorithms import build_algorithm
 from metamm_cli.algorithms.maml import meta_loss_loop
 from metamm_cli.data.episodes import EpisodeSampler
 from metamm_cli.device import autocast_for, resolve_device
-
-
-def measure(steps, device, repeats):
-    """Time each step function ``repeats`` times, round-robin (interleaved), after a warm-up."""
-    for step in steps.values():
-        step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {k: [] for k in steps}
-    peaks = {}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - start)
-            peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {k: {"step_ms": 1000 * sorted(v)[len(v) // 2], "peak_mem_mib": peaks[k]} for k, v in times.items()}
 
 
 def main():

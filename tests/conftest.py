@@ -47,3 +47,11 @@ def smoke_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("smoke")
     proc = run_metamm(["train", *SMOKE], cwd)
     return {"cwd": cwd, "proc": proc, "run_dir": cwd / run_dir_of(proc)}
+
+
+def to_double(algo, episode):
+    """``algo`` and the float tensors of ``episode`` in float64 (gradient checks)."""
+    for part in (episode.support, episode.query):
+        for m, x in part.items():
+            part[m] = x.double() if x.is_floating_point() else x
+    return algo.double(), episode

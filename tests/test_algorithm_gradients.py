@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, to_double
 from hydra.utils import get_class, instantiate
 
 from metamm_cli import ConfigError
@@ -54,12 +54,7 @@ def setup(*overrides, tasks=3, double=True, seed=0):
     episode = EpisodeSampler(dataset.split("train"), cfg.episode.way, cfg.episode.shot,
                              cfg.episode.query, tasks, seed=seed).sample()
     algo = build_algorithm(cfg, dataset)
-    if double:
-        algo = algo.double()
-        for part in (episode.support, episode.query):
-            for m, x in part.items():
-                part[m] = x.double() if x.is_floating_point() else x
-    return algo, episode
+    return to_double(algo, episode) if double else (algo, episode)
 
 
 def grads_of(algo, loss):

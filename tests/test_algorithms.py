@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg
+from conftest import compose_cfg, to_double
 from hydra.utils import instantiate
 
 from metamm_cli import ConfigError
@@ -22,12 +22,7 @@ def smoke_setup(*overrides, tasks=3, double=False):
     episode = EpisodeSampler(dataset.split("train"), cfg.episode.way, cfg.episode.shot,
                              cfg.episode.query, tasks).sample()
     algo = build_algorithm(cfg, dataset)
-    if double:
-        algo = algo.double()
-        for part in (episode.support, episode.query):
-            for m, x in part.items():
-                part[m] = x.double() if x.is_floating_point() else x
-    return algo, episode
+    return to_double(algo, episode) if double else (algo, episode)
 
 
 def test_protonet_matches_definition():
