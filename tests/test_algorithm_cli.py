@@ -26,7 +26,11 @@ EXTRA = {"reptile": ("algorithm.inner_steps_eval=10",),  # the paper's 50 test-t
          "relation": ("algorithm.loss=ce", "trainer.max_steps=40"),
          # learned edges and label routing: the GNN leaves chance after ~20 steps
          "gnn": ("trainer.max_steps=40",)}
-ANY_WAY = {"protonet", "matching", "relation", "siamese", "hypernet", "finetune"}
+ANY_WAY = {"protonet", "matching", "relation", "siamese", "hypernet", "finetune", "align"}
+# align trains on the InfoNCE alignment of a sample's modalities alone: on the synthetic set the
+# modalities name independent codes, so it cannot learn the class there (tests/test_crossmodal.py
+# checks it against its definition and through the CLI); here it must train, save and evaluate.
+NO_CLASS_SIGNAL = {"align"}
 FIXED_WAY = {"gnn": "episode.way=3", "maml": "algorithm.head=zero", "fomaml": "algorithm.head=zero",
              "anil": "algorithm.head=zero", "metasgd": "algorithm.head=zero",
              "reptile": "algorithm.head=zero"}
@@ -69,7 +73,8 @@ def test_algorithm_learns_through_the_cli(algorithm, trained, tmp_path):
     assert metrics["step"] == steps
     report = evaluate(trained[algorithm], tmp_path, "eval.episodes=40", "eval.tasks_per_batch=20")
     assert report["split"] == "test" and report["episodes"] == 40
-    assert report["accuracy"] > 100 / 3 + 10, (report["accuracy"], metrics)
+    if algorithm not in NO_CLASS_SIGNAL:
+        assert report["accuracy"] > 100 / 3 + 10, (report["accuracy"], metrics)
     if algorithm in ANY_WAY:
         two = evaluate(trained[algorithm], tmp_path, "episode.way=2", "eval.episodes=10")
         assert 0 <= two["accuracy"] <= 100 and two["config"]["episode"]["way"] == 2
