@@ -364,12 +364,14 @@ class StopSignals:
         self._old = {}
 
     def _handle(self, signum, frame):
+        # os.write, not logging or print: the signal may arrive while the main thread is inside
+        # a logging call or a buffered write, which are not reentrant (a "Logging error" traceback)
         if self.signum is not None and signum == signal.SIGINT:
-            print("\nsecond Ctrl-C: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os.write(2, b"\nsecond Ctrl-C: exiting now, without a checkpoint\n")
             os._exit(130)
         self.signum = signum
-        log.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                    f"(Ctrl-C again to exit at once)")
+        os.write(2, f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                    f"(Ctrl-C again to exit at once)\n".encode())
 
     def __enter__(self) -> "StopSignals":
         try:

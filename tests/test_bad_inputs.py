@@ -27,8 +27,8 @@ ROWS = [
     # config keys, options and values
     ("unknown key", TRAIN + ["episode.wya=3"], ["episode.wya", "EpisodeConfig"]),
     ("unknown option", TRAIN + ["fusion=nope"], ["fusion/nope", "attention, concat"]),
-    ("unknown algorithm key", TRAIN + ["+algorithm.distance=cosine"],
-     ["ProtoNet", "unexpected keyword argument 'distance'"]),
+    ("unknown algorithm key", TRAIN + ["+algorithm.spread=2"],
+     ["ProtoNet", "unexpected keyword argument 'spread'"]),
     ("enum value", TRAIN + ["trainer.on_nan=maybe"], ["trainer.on_nan", "stop, skip"]),
     ("wrong type", TRAIN + ["trainer.lr=fast"], ["trainer.lr=fast"]),
     ("wrong type bool", TRAIN + ["trainer.deterministic=perhaps"], ["trainer.deterministic"]),
