@@ -132,6 +132,19 @@ def register_schemas() -> None:
     for phase in ("train", "test"):  # missing.train.audio=0.3 adds a key without a '+'
         OmegaConf.set_struct(node.missing[phase], False)
     cs.store(name="train_schema", node=node)
+    if not OmegaConf.has_resolver("metamm_dirname"):
+        OmegaConf.register_new_resolver("metamm_dirname", job_dirname)
+
+
+def job_dirname(overrides: str, limit: int = 120) -> str:
+    """A sweep job's folder name from its overrides, cut to ``limit`` characters with a short
+    hash of the whole, so that long sweeps stay within the file system's 255-byte names (the
+    full overrides are in the job's .hydra/overrides.yaml)."""
+    name = str(overrides)
+    if len(name) <= limit:
+        return name
+    import hashlib
+    return f"{name[:limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def config_dir() -> str:

@@ -65,3 +65,16 @@ def test_wheel_ships_configs(tmp_path):
                            cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
                            capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == str(site / "metamm_cli" / "configs"), probe.stderr
+
+
+def test_sweep_job_folder_names_stay_short():
+    """Hydra names a sweep job's folder after its overrides; long sweeps exceeded 255 bytes."""
+    from metamm_cli.config import job_dirname
+
+    short = "fusion=concat,seed=0"
+    assert job_dirname(short) == short
+    long_a = ",".join(f"dataset.option_{i}=value_{i}" for i in range(40))
+    long_b = long_a.replace("value_39", "value_x")
+    a, b = job_dirname(long_a), job_dirname(long_b)
+    assert len(a) == 120 and len(b) == 120 and a != b  # cut, and told apart by the hash
+    assert a.startswith(long_a[:100])
