@@ -236,9 +236,8 @@ def _run_name(ckpt: Path) -> str:
 
 def cmd_data(argv: List[str]) -> int:
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
     from metamm_cli.config import check_ranges, config_dir, register_schemas
+    from metamm_cli.data.base import build_dataset
     from metamm_cli.data.episodes import EpisodeSampler
 
     if any(a in ("-h", "--help") for a in argv):
@@ -250,7 +249,7 @@ def cmd_data(argv: List[str]) -> int:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=argv)
     check_ranges(cfg)
-    dataset = instantiate(cfg.dataset, _convert_="all")
+    dataset = build_dataset(cfg.dataset)
     E = cfg.episode
     print(dataset.describe())
     names = list(dataset.modalities)

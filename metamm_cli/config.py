@@ -136,6 +136,53 @@ def register_schemas() -> None:
         OmegaConf.register_new_resolver("metamm_dirname", job_dirname)
 
 
+_HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+
+
+def instantiate_checked(node: DictConfig, key: str, convert: str = "none", **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)`` after checking the node's keys against the
+    target's signature, so that a key the target does not take, or a required one left unset,
+    is a one-line error naming ``key.NAME`` and the settings the target has, never the
+    constructor's ``TypeError``. ``key`` is the node's place in the config (``dataset``);
+    ``convert`` is Hydra's ``_convert_`` (``all``: plain dicts and lists for the config's values)."""
+    import inspect
+
+    from hydra.utils import get_method, instantiate
+    from omegaconf.errors import MissingMandatoryValue
+
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        raise ConfigError(f"{key}: needs a config with a _target_ (pick one with {key.split('.')[0]}=NAME)")
+    try:
+        obj = get_method(str(target))
+    except Exception as e:  # noqa: BLE001 - hydra raises ImportError or its own error types
+        raise ConfigError(f"{key}._target_={target}: cannot be imported ({type(e).__name__})") from e
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        sig = None
+    name = getattr(obj, "__name__", str(target))
+    if sig is not None and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        allowed = {p.name for p in params}
+        given = [k for k in node.keys() if k not in _HYDRA_KEYS]
+        unknown = [k for k in given if k not in allowed]
+        if unknown:
+            settings = sorted(allowed - set(kwargs))
+            raise ConfigError(f"{key}.{unknown[0]}: not a setting of {key} {name}; its settings: "
+                              f"{', '.join(settings) or '(none)'}")
+        for p in params:
+            if p.default is p.empty and p.name not in kwargs and p.name not in given:
+                raise ConfigError(f"{key}.{p.name} is required by {key} {name}: set {key}.{p.name}=VALUE")
+    for k in node.keys():
+        if k not in _HYDRA_KEYS and OmegaConf.is_missing(node, k):
+            raise ConfigError(f"{key}.{k} must be set ({key}.{k}=VALUE): it has no default")
+    try:
+        return instantiate(node, _convert_=convert, **kwargs)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{key}: a required value is not set ({' '.join(str(e).split())})") from e
+
+
 def job_dirname(overrides: str, limit: int = 120) -> str:
     """A sweep job's folder name from its overrides, cut to ``limit`` characters with a short
     hash of the whole, so that long sweeps stay within the file system's 255-byte names (the

@@ -10,13 +10,13 @@ from typing import Dict, Optional
 
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm
 from metamm_cli.checkpoint import load_checkpoint
 from metamm_cli.config import TrainConfig, check_ranges
+from metamm_cli.data.base import build_dataset
 from metamm_cli.data.episodes import EpisodeSampler, build_sampler
 from metamm_cli.device import autocast_for, enum_name, resolve_device
 
@@ -104,7 +104,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
     run_cfg = apply_overrides(state["config"], cfg, overrides)
     check_ranges(run_cfg)
     device = resolve_device(run_cfg.trainer.device)
-    dataset = instantiate(run_cfg.dataset, _convert_="all")
+    dataset = build_dataset(run_cfg.dataset)
     algo = build_algorithm(run_cfg, dataset, way=state["config"]["episode"]["way"]).to(device)
     try:
         algo.load_state_dict(state["model"])

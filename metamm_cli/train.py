@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from metamm_cli.algorithms import accuracy, build_algorithm
 from metamm_cli.checkpoint import keep_last, save_checkpoint
 from metamm_cli.config import check_ranges
+from metamm_cli.data.base import build_dataset
 from metamm_cli.data.episodes import build_sampler
 from metamm_cli.device import (autocast_for, enum_name, make_deterministic, make_scheduler, resolve_device,
                                seed_everything, warn_amp)
@@ -53,7 +53,7 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     device = resolve_device(T.device)
     seed_everything(cfg.seed)
     make_deterministic(T.deterministic)
-    dataset = instantiate(cfg.dataset, _convert_="all")
+    dataset = build_dataset(cfg.dataset)
     train_sampler = build_sampler(cfg, dataset, "train", device, T.meta_batch, cfg.seed)
     val_tasks = min(T.val_episodes, cfg.eval.tasks_per_batch)
     val_sampler = build_sampler(cfg, dataset, "val", device, val_tasks, cfg.seed + 1)

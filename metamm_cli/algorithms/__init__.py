@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metamm_cli import ConfigError
+from metamm_cli.config import instantiate_checked
 from metamm_cli.algorithms.base import MetaAlgorithm, accuracy
 from metamm_cli.crossmodal import attach
 from metamm_cli.data.base import MultimodalDataset
@@ -19,7 +19,7 @@ def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[i
     """Model (encoders + fusion) from the config, wrapped by ``algorithm._target_``; ``way`` is
     the training way (a checkpoint's, when evaluating at another way); ``num_classes`` is the
     number of classes of the training split."""
-    algo = instantiate(cfg.algorithm, model=build_model(cfg, dataset), way=way or cfg.episode.way,
+    algo = instantiate_checked(cfg.algorithm, "algorithm", model=build_model(cfg, dataset), way=way or cfg.episode.way,
                        num_classes=dataset.split("train").num_classes)
     if getattr(algo.model.fusion, "level", "sample") == "prototype" and not getattr(algo, "prototype_fusion", False):
         raise ConfigError(f"fusion={type(algo.model.fusion).__name__.lower()} works on prototypes and "

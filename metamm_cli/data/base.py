@@ -57,6 +57,26 @@ class MultimodalDataset:
             self._cache[key] = SplitData(data, present, full.labels, full.num_classes).to(device)
         return self._cache[key]
 
+    def state_dict(self) -> dict:
+        """The preprocessing state learned from the data (vocabularies, statistics, class lists,
+        ...), stored in every checkpoint; empty when nothing is learned."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Use a checkpoint's learned preprocessing state instead of today's data's."""
+
     def describe(self) -> str:
         parts = [f"{m}{list(s.shape)} {str(s.dtype).replace('torch.', '')}" for m, s in self.modalities.items()]
         return f"{self.name}: " + ", ".join(parts)
+
+
+def build_dataset(node, state: Optional[dict] = None) -> MultimodalDataset:
+    """The dataset of the config node ``dataset`` (keys checked against its constructor); with
+    ``state`` (a checkpoint's ``data.state``), the preprocessing learned when the run was trained
+    is used instead of being learned again from today's files."""
+    from metamm_cli.config import instantiate_checked
+
+    dataset = instantiate_checked(node, "dataset", convert="all")
+    if state is not None:
+        dataset.load_state_dict(state)
+    return dataset

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
 from metamm_cli import ConfigError
+from metamm_cli.config import instantiate_checked
 from metamm_cli.data.base import MultimodalDataset
 
 MAPPINGS = ("none", "linear", "mlp")
@@ -76,11 +76,11 @@ def build_model(cfg: DictConfig, dataset: MultimodalDataset) -> MultimodalNet:
         if m not in cfg.encoder:
             raise ConfigError(f"encoder.{m}: no encoder configured for modality '{m}' "
                               f"(add encoder/{m}=NAME; configured: {[k for k in cfg.encoder if k != 'dim']})")
-        encoders[m] = instantiate(cfg.encoder[m], spec=spec, dim=cfg.encoder.dim)
+        encoders[m] = instantiate_checked(cfg.encoder[m], f"encoder.{m}", spec=spec, dim=cfg.encoder.dim)
     mods = list(dataset.modalities)
     mapping_cfg = cfg.get("mapping")
     mapping = None
     if mapping_cfg is not None and mapping_cfg.get("kind", "none") != "none":
-        mapping = instantiate(mapping_cfg, modalities=mods, dim=cfg.encoder.dim)
-    fusion = instantiate(cfg.fusion, modalities=mods, dim=cfg.encoder.dim)
+        mapping = instantiate_checked(mapping_cfg, "mapping", modalities=mods, dim=cfg.encoder.dim)
+    fusion = instantiate_checked(cfg.fusion, "fusion", modalities=mods, dim=cfg.encoder.dim)
     return MultimodalNet(encoders, fusion, mapping)
