@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -15,16 +16,33 @@ import torch
 from metamm_cli import ConfigError
 
 FORMAT = "metamm-checkpoint"
-VERSION = 2  # 2: + numpy RNG, scheduler, validation history, partial log sums (exact resume)
-READABLE = (1, 2)  # versions `metamm eval` reads; resuming needs VERSION
+VERSION = 3  # 2: + numpy RNG, scheduler, validation history, partial log sums (exact resume)
+#             3: + the data's learned preprocessing state and fingerprint ("data")
+READABLE = (1, 2, 3)  # versions `metamm eval` reads
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _tmp_prefix(path: Path) -> str:
+    """``.NAME.HOST.PID.``: a temporary file says which process writes it."""
+    return f".{path.name}.{_host()}.{os.getpid()}."
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
 def clean_orphans(folder: Path) -> List[Path]:
-    """Remove ``.NAME.*.tmp`` left by a write that was killed."""
-    gone = []
+    """Remove the ``.NAME.HOST.PID.*.tmp`` left by a killed write of this host whose process is
+    gone; a live process's temporaries (and other hosts') are left alone."""
+    from metamm_cli.claim import alive
+
+    gone, host = [], _host()
     for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.split(".")  # '', NAME..., HOST, PID, random, 'tmp'
+        pid = int(parts[-3]) if len(parts) >= 5 and parts[-3].isdigit() else None
+        if pid is None or parts[-4] != host or pid == os.getpid() or alive(pid):
+            continue
         tmp.unlink(missing_ok=True)
         gone.append(tmp)
     return gone
@@ -45,7 +63,7 @@ def write_atomic(path: Path, write) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a plain write honours the umask
     except OSError as e:
         raise write_failed(path, e) from e

@@ -32,9 +32,14 @@ def _report(prog: str, exc: BaseException) -> int:
 
 
 def _remove_failed_start(folder: Path) -> None:
-    """A job that failed before training leaves only Hydra's files: remove them (and the empty
-    folders above, up to the output root) so that a failed start leaves no run folder behind."""
+    """A job that failed before its first checkpoint leaves only Hydra's files and start-up
+    records: remove them (and the empty folders above, up to the output root) so that a failed
+    start leaves no run folder behind. A folder some other process holds is left alone."""
+    from metamm_cli.claim import running_pid
+
     if not folder.is_dir() or any(p.name not in _START_DEBRIS for p in folder.iterdir()):
+        return
+    if running_pid(folder) not in (None, os.getpid()):
         return
     shutil.rmtree(folder, ignore_errors=True)
     for parent in list(folder.parents)[:3]:  # runs/, the task's folder, the output root
@@ -63,8 +68,9 @@ def _hydra_app(config_name: str, task: Callable, argv: List[str], prog: str) -> 
             if _SHOW_TRACEBACK:
                 raise
             if isinstance(exc, KeyboardInterrupt):
+                from metamm_cli.signals import exit_code
                 print(f"{prog}: interrupted during start-up; nothing was saved", file=sys.stderr)
-                raise SystemExit(130)
+                raise SystemExit(exit_code(exc))
             raise SystemExit(_report(prog, exc))
 
     register_schemas()
@@ -132,9 +138,9 @@ def _resume_args(argv: List[str]):
     from hydra import compose, initialize_config_dir
 
     from metamm_cli import ConfigError
+    from metamm_cli.claim import claim
     from metamm_cli.config import config_dir, register_schemas
-    from metamm_cli.runstate import run_dir_of
-    from metamm_cli.train import resume_state
+    from metamm_cli.resume import resume_state, run_dir_of
 
     given = [a for a in argv if a.lstrip("+").startswith("trainer.resume=")]
     if not given or given[-1].split("=", 1)[1] in ("", "null", "false", "False") or \
@@ -160,6 +166,7 @@ def _resume_args(argv: List[str]):
     run = run_dir_of(Path(ckpt["path"]))
     if run is None:  # a loose checkpoint file: the run continues in a new folder
         return [], ckpt
+    claim(run, f"trainer.resume={given[-1].split('=', 1)[1]}")  # before any work: a second resume is refused
     quoted = "'" + str(run.resolve()).replace("\\", "\\\\").replace("'", "\\'") + "'"
     return [f"hydra.run.dir={quoted}", "hydra.output_subdir=null"], ckpt
 
@@ -276,6 +283,8 @@ def one_line(exc: BaseException) -> str:
 
     from metamm_cli import ConfigError
 
+    from metamm_cli.device import is_oom
+
     chain, e = [], exc
     while e is not None and e not in chain:
         chain.append(e)
@@ -283,6 +292,9 @@ def one_line(exc: BaseException) -> str:
     for e in chain:
         if isinstance(e, ConfigError):
             return str(e)
+    if any(is_oom(e) for e in chain):
+        return ("out of memory: lower trainer.meta_batch or set trainer.task_chunk (training), "
+                "eval.tasks_per_batch (evaluation), or use a smaller dataset.* size")
     for e in chain:
         if isinstance(e, MissingConfigException) and e.options:
             first = str(e).strip().splitlines()[0]
@@ -327,13 +339,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     global _SHOW_TRACEBACK
     _SHOW_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+    from metamm_cli.signals import exit_code, startup_signals
+
+    startup_signals()  # SIGTERM before training behaves as Ctrl-C: nothing half-made is left
     try:
         return COMMANDS[command](rest)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if _SHOW_TRACEBACK:
             raise
         print(f"metamm {command}: interrupted during start-up; nothing was saved", file=sys.stderr)
-        return 130
+        return exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - every error becomes one line
         if _SHOW_TRACEBACK:
             raise

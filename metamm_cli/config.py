@@ -80,6 +80,7 @@ class TrainerConfig:
     resume: Any = None  # null | true (latest run of this task) | path to a .pt or run folder
     progress: bool = True
     tensorboard: bool = True
+    threads: Optional[int] = None  # torch CPU threads; null: auto (device.auto_threads)
 
 
 @dataclass
@@ -110,6 +111,13 @@ class AlignConfig:
 
 
 @dataclass
+class PresetConfig:
+    """Set by a dataset-specific ``+exp`` preset: its name and the datasets it fits."""
+    name: str = ""
+    datasets: Optional[List[str]] = None
+
+
+@dataclass
 class TrainConfig:
     task_name: str = "default"
     seed: int = 0
@@ -124,6 +132,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     missing: MissingConfig = field(default_factory=MissingConfig)
+    preset: PresetConfig = field(default_factory=PresetConfig)
 
 
 def register_schemas() -> None:
@@ -249,3 +258,24 @@ def check_ranges(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{group}: needs a config with a _target_ (pick one with {group}=NAME)")
+    check_preset(cfg)
+
+
+def dataset_name(cfg: DictConfig) -> str:
+    """The ``name`` of the configured dataset class (``omniglot``, ``folder``, ...)."""
+    from hydra.utils import get_class
+
+    try:
+        return getattr(get_class(str(cfg.dataset._target_)), "name", str(cfg.dataset._target_))
+    except Exception:  # noqa: BLE001 - reported by instantiate_checked with the key
+        return str(cfg.dataset._target_)
+
+
+def check_preset(cfg: DictConfig) -> None:
+    """A dataset-specific preset (``preset.datasets``) refuses other datasets in one line."""
+    preset = OmegaConf.select(cfg, "preset")
+    fits = list(preset.datasets or []) if preset is not None else []
+    if fits and dataset_name(cfg) not in fits:
+        raise ConfigError(f"+exp={preset.name} is a preset for dataset={'/'.join(fits)}, not "
+                          f"dataset={dataset_name(cfg)}; drop the preset (+exp=smoke works with any "
+                          f"dataset) or use dataset={fits[0]}")

@@ -19,6 +19,45 @@ def enum_name(value: Any) -> str:
     return value.value if hasattr(value, "value") else str(value)
 
 
+def auto_threads() -> int:
+    """CPU threads for torch when ``trainer.threads`` is null: ``OMP_NUM_THREADS`` or Slurm's
+    ``SLURM_CPUS_PER_TASK`` when set, else the CPUs this process may use less the ones already
+    busy (the 1-minute load average), at least 1. On a shared 2-core machine under load this is 1:
+    torch's default (every core) made training 2.2x slower there (README, Speed)."""
+    import os
+
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cpus, cpus - int(busy + 0.5)))
+
+
+def set_threads(threads: Any) -> int:
+    """``trainer.threads``: torch's intra-op CPU threads (null: :func:`auto_threads`)."""
+    n = auto_threads() if threads is None else int(threads)
+    if n < 1:
+        raise ConfigError(f"trainer.threads={threads} is out of range: must be null (auto) or >= 1")
+    torch.set_num_threads(n)
+    return n
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error of any device (CUDA's, or the CPU allocator's RuntimeError)."""
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 def resolve_device(device: Any) -> torch.device:
     name = enum_name(device)
     if name == "auto":

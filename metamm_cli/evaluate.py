@@ -16,11 +16,16 @@ from metamm_cli import ConfigError
 from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm
 from metamm_cli.checkpoint import load_checkpoint
 from metamm_cli.config import TrainConfig, check_ranges
-from metamm_cli.data.base import build_dataset
+from metamm_cli.data.base import build_dataset, describe_changes
 from metamm_cli.data.episodes import EpisodeSampler, build_sampler
-from metamm_cli.device import autocast_for, enum_name, resolve_device
+from metamm_cli.device import autocast_for, enum_name, is_oom, resolve_device, set_threads
 
 log = logging.getLogger("metamm")
+
+
+def per_second(rate: float) -> str:
+    """A rate with three significant digits: 0.512, 12.3, 324 (never '1' for 1.4)."""
+    return f"{rate:.3g}" if abs(rate) < 1000 else f"{rate:,.0f}"
 
 
 def mean_ci95(accs: torch.Tensor) -> Dict[str, float]:
@@ -40,16 +45,29 @@ def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_
     was_training = algo.training
     algo.eval()
     sampler.reset()
-    accs = []
-    with torch.no_grad():
-        for start in range(0, episodes, tasks_per_batch):
-            episode = sampler.sample(min(tasks_per_batch, episodes - start))
-            with autocast():
-                _, logits = algo(episode)
-            accs.append(accuracy(logits, episode.query_labels))
-            bar.update(episode.num_tasks)
-    bar.close()
-    algo.train(was_training)
+    accs, bad = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, episodes, tasks_per_batch):
+                episode = sampler.sample(min(tasks_per_batch, episodes - start))
+                with autocast():
+                    _, logits = algo(episode)
+                accs.append(accuracy(logits, episode.query_labels))
+                bad.append((~torch.isfinite(logits)).flatten(1).any(1))
+                bar.update(episode.num_tasks)
+    except Exception as e:  # noqa: BLE001 - only memory errors are translated
+        if is_oom(e):
+            raise ConfigError(f"out of memory while evaluating {tasks_per_batch} episodes at once: "
+                              f"lower eval.tasks_per_batch") from e
+        raise
+    finally:
+        bar.close()
+        algo.train(was_training)
+    nonfinite = int(torch.cat(bad).sum())
+    if nonfinite:  # argmax over NaN scores would be counted as answers: a silently wrong accuracy
+        raise ConfigError(f"{nonfinite} of {episodes} evaluation episodes produced non-finite scores "
+                          f"(NaN/inf): the model or the inputs of the {sampler.split_name} split are broken; "
+                          f"no accuracy is reported")
     return mean_ci95(torch.cat(accs))
 
 
@@ -74,18 +92,33 @@ def missing_sweep(algo: MetaAlgorithm, cfg: DictConfig, dataset, split: str, dev
 
 
 def apply_overrides(stored: dict, cfg: DictConfig, overrides: list) -> DictConfig:
-    """The checkpoint's config with the keys the user overrode on the command line taken from
-    ``cfg`` (already composed and type-checked by Hydra); ``eval`` always comes from ``cfg``."""
+    """The checkpoint's config, its ``eval.*`` settings included (a preset's ``eval.episodes:
+    1000`` stays 1000), with the keys the user overrode on the command line taken from ``cfg``
+    (already composed and type-checked by Hydra)."""
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.package or o.key_or_group.replace("/", ".")
-        if key in ("ckpt", "hydra", "eval") or key.startswith(("hydra.", "eval.")):
+        if key in ("ckpt", "hydra") or key.startswith("hydra."):
             continue
         if o.is_delete() or key == "exp" or key.startswith("_global_"):
             raise ConfigError(f"{o.input_line}: at eval time override keys or groups, not {o.key_or_group}")
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
-    merged.eval = cfg.eval
     return merged
+
+
+def setting(cfg: DictConfig) -> str:
+    """The evaluation setting in words: ``5-way 1-shot 15-query, support [image] -> query
+    [audio], missing audio 0.5, chance 20.00%``."""
+    E = cfg.episode
+    way = E.way
+    text = f"{way}-way {E.shot}-shot {E.query}-query"
+    support, query = E.get("support_modalities"), E.get("query_modalities")
+    if support or query:
+        text += f", support {list(support) if support else 'all'} -> query {list(query) if query else 'all'}"
+    rates = {m: r for m, r in (OmegaConf.select(cfg, "missing.test") or {}).items() if r}
+    if rates:
+        text += ", missing " + " ".join(f"{m} {r:g}" for m, r in rates.items())
+    return text + f", chance {100 / way:.2f}%"
 
 
 def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
@@ -104,7 +137,15 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
     run_cfg = apply_overrides(state["config"], cfg, overrides)
     check_ranges(run_cfg)
     device = resolve_device(run_cfg.trainer.device)
-    dataset = build_dataset(run_cfg.dataset)
+    set_threads(run_cfg.trainer.threads)
+    data = state.get("data") or {}
+    if not data.get("state") and state.get("version", 1) < 3:
+        log.warning(f"--ckpt {state['path']}: written by an older metamm without the data's learned "
+                    f"preprocessing; it is learned again from today's files")
+    dataset = build_dataset(run_cfg.dataset, data.get("state"))
+    changed = describe_changes(data.get("fingerprint"), dataset.fingerprint())
+    if changed:
+        log.warning(f"data changed: {changed}; this evaluation uses today's files")
     algo = build_algorithm(run_cfg, dataset, way=state["config"]["episode"]["way"]).to(device)
     try:
         algo.load_state_dict(state["model"])
@@ -112,34 +153,37 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
         raise ConfigError(f"--ckpt {state['path']}: its weights do not fit the model of the "
                           f"overridden config (was an encoder, fusion or algorithm key changed? "
                           f"{mismatch(algo, state['model'])})") from e
-    E, V = run_cfg.episode, run_cfg.eval
+    V = run_cfg.eval
     split = enum_name(V.split)
     if enum_name(V.task) == "retrieval":  # cross-modal retrieval instead of episodes
         from metamm_cli.retrieval import retrieval_report
         return retrieval_report(algo, dataset.split(split, device), run_cfg, state, out_dir)
     autocast = autocast_for(device, run_cfg.trainer.amp)
     extra = {}
+    described = setting(run_cfg)
     if V.episodes_file:  # fixed episodes from a JSON file instead of sampled ones
         from metamm_cli.fixed_episodes import evaluate_episodes_file
 
-        accs = evaluate_episodes_file(algo, dataset, V.episodes_file, device, autocast)
+        accs, shapes = evaluate_episodes_file(algo, dataset, V.episodes_file, device, autocast)
         result, split = mean_ci95(accs), f"episodes_file {V.episodes_file}"
         extra["episode_accuracies"] = accs.tolist()
+        described = shapes
     else:
         sampler = build_sampler(run_cfg, dataset, split, device, V.tasks_per_batch, V.seed)
         result = evaluate(algo, sampler, V.episodes, V.tasks_per_batch, autocast,
                           progress=run_cfg.trainer.progress)
         if V.missing_sweep:
             extra["missing_sweep"] = missing_sweep(algo, run_cfg, dataset, split, device, autocast)
-    report = {**result, "split": split, "ckpt": state["path"], "step": state.get("step"), **extra,
-              "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True)}
+    report = {**result, "split": split, "setting": described, "ckpt": state["path"], "step": state.get("step"),
+              **extra, "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     line = (f"accuracy: {result['accuracy']:.2f} +- {result['ci95']:.2f} "
-            f"(95% CI, {result['episodes']} episodes)")
+            f"(95% CI, {result['episodes']} episodes{'' if V.episodes_file else ' of the ' + split + ' split'}; "
+            f"{described})")
     if logging.getLogger().handlers:  # under Hydra: the console and eval.log
         log.info(line)
     else:
         print(line)
-    log.info(f"{E.way}-way {E.shot}-shot on the {split} split; wrote {out_dir / 'eval.json'}")
+    log.info(f"wrote {out_dir / 'eval.json'}")
     return report

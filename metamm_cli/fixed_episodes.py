@@ -35,7 +35,12 @@ def load_episodes_file(path: str) -> tuple[Path, List[dict]]:
     if not isinstance(spec, dict) or not isinstance(spec.get("episodes"), list) or not spec["episodes"]:
         raise ConfigError(f'{key}: expected {{"root": DIR, "episodes": [{{"support": [...], '
                           f'"query": [...]}}, ...]}} with at least one episode')
-    root = Path(str(spec.get("root", "."))).expanduser()
+    root = spec.get("root")
+    if root is None:
+        root = "."  # "root": null or absent: the JSON file's folder
+    if not isinstance(root, str) or not root.strip():
+        raise ConfigError(f"{key}: \"root\" must be a folder path (a string), got {root!r}")
+    root = Path(root).expanduser()
     root = root if root.is_absolute() else file.parent / root
     for i, ep in enumerate(spec["episodes"]):
         if not isinstance(ep, dict) or not all(isinstance(ep.get(k), list) and ep[k]
@@ -120,9 +125,27 @@ def _stored_dtype(dataset: MultimodalDataset, modality: str) -> torch.dtype:
     return dataset.modalities[modality].dtype
 
 
+def summary(episodes: List[dict]) -> str:
+    """``1 fixed episode, 1500-way 1-shot 2-query, chance 0.07%`` (ranges where episodes differ)."""
+    def span(values) -> str:
+        lo, hi = min(values), max(values)
+        return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+    ways, shots, queries = [], [], []
+    for ep in episodes:
+        classes = list(dict.fromkeys(str(s["label"]) for s in ep["support"]))
+        ways.append(len(classes))
+        shots.append(len(ep["support"]) / len(classes))
+        queries.append(len(ep["query"]) / len(classes))
+    chance = sum(100 / w for w in ways) / len(ways)
+    return (f"{len(episodes)} fixed episode{'s' if len(episodes) > 1 else ''}, {span(ways)}-way "
+            f"{span(shots)}-shot {span(queries)}-query, chance {chance:.2f}%")
+
+
 def evaluate_episodes_file(algo, dataset: MultimodalDataset, path: str, device,
-                           autocast) -> torch.Tensor:
-    """Per-episode accuracies (percent, ``[E]``) of ``algo`` on the episodes of ``path``."""
+                           autocast) -> tuple[torch.Tensor, str]:
+    """Per-episode accuracies (percent, ``[E]``) of ``algo`` on the episodes of ``path``, and the
+    file's setting in words (:func:`summary`)."""
     from metamm_cli.algorithms import accuracy
 
     key = f"eval.episodes_file={path}"
@@ -141,4 +164,4 @@ def evaluate_episodes_file(algo, dataset: MultimodalDataset, path: str, device,
                 raise ConfigError(f"{key}: episode {i} ({episode.way}-way): {e}") from e
             accs.append(accuracy(logits, episode.query_labels))
     algo.train(was_training)
-    return torch.cat(accs)
+    return torch.cat(accs), summary(episodes)

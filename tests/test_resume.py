@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metamm_cli import ConfigError
-from metamm_cli.runstate import RUNNING, StopSignals, find_resume, merge_resume, running_pid
+from metamm_cli.claim import RUNNING, running_pid
+from metamm_cli.resume import find_resume, merge_resume, resume_command
+from metamm_cli.signals import StopSignals
 
 BASE = ["train", "+exp=smoke", "trainer.max_steps=12", "trainer.val_every=2", "trainer.log_every=3",
         "trainer.ckpt_every=5", "trainer.val_episodes=4", "trainer.deterministic=true",
@@ -91,7 +93,7 @@ def test_killed_at_any_moment_resumes_bit_identical(tmp_path):
     read_until(p, "step 6:")
     p.send_signal(signal.SIGTERM)
     rc, out = finish(p)
-    assert rc == 143 and f"resume with: metamm train trainer.resume={run}" in out, out
+    assert rc == 143 and f"resume with: {resume_command(run)}" in out, out
     assert "Traceback" not in out
     # 4. Ctrl-C, resuming by the folder's path
     p = start(["train", f"trainer.resume={run}"], cwd)

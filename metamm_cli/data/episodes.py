@@ -49,7 +49,8 @@ class Episode:
 
     support[m]: ``[T, N*K, *shape_m]``, support_present: ``[T, N*K, M]``, support_labels:
     ``[T, N*K]`` in ``0..N-1``; the same for query with ``N*Q`` samples; classes: ``[T, N]``
-    split class ids.
+    split class ids; index: ``[T, N*K + N*Q]`` the split rows of the support then the query
+    samples (None where the episode was not drawn from a split).
     """
 
     support: Dict[str, torch.Tensor]
@@ -59,6 +60,7 @@ class Episode:
     query_present: torch.Tensor
     query_labels: torch.Tensor
     classes: torch.Tensor
+    index: Optional[torch.Tensor] = None
 
     @property
     def num_tasks(self) -> int:
@@ -74,7 +76,7 @@ class Episode:
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = ({m: x[start:stop] for m, x in value.items()} if isinstance(value, dict)
-                           else value[start:stop])
+                           else None if value is None else value[start:stop])
         return replace(self, **out)
 
 
@@ -110,6 +112,7 @@ class EpisodeSampler:
                 f"the {split_name} split have that many samples (largest: {int(counts.max())}), "
                 f"episode.way={way} needs {way}")
         self.split, self.way, self.shot, self.query, self.tasks = split, way, shot, query, tasks
+        self.split_name = split_name
         device = split.labels.device
         order = torch.argsort(split.labels, stable=True)
         max_n = int(counts.max())
@@ -164,6 +167,7 @@ class EpisodeSampler:
             query_present=q_pre,
             query_labels=labels.repeat_interleave(Q).expand(T, -1),
             classes=classes,
+            index=torch.cat([s_idx, q_idx], 1),
         )
 
 
