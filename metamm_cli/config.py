@@ -230,6 +230,7 @@ _RANGES = [
     ("trainer.lr", lambda v: v < 3e38, "a float32 number (< 3e38)"),
     ("trainer.weight_decay", lambda v: v < 3e38, "a float32 number (< 3e38)"),
     ("trainer.grad_clip", lambda v: v is None or v < 3e38, "null or a float32 number (< 3e38)"),
+    ("trainer.threads", lambda v: v is None or v >= 1, "null (auto) or >= 1"),
     ("eval.episodes", lambda v: v >= 1, ">= 1"),
     ("eval.tasks_per_batch", lambda v: v >= 1, ">= 1"),
     ("align.weight", lambda v: v >= 0, ">= 0"),

@@ -19,11 +19,33 @@ def enum_name(value: Any) -> str:
     return value.value if hasattr(value, "value") else str(value)
 
 
+def busy_cpus(seconds: float = 0.2) -> float:
+    """How many CPUs other work keeps busy right now: the non-idle share of ``/proc/stat`` over
+    ``seconds`` times the CPU count (Linux), else the 1-minute load average."""
+    import os
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
+    try:
+        (t0, i0), _ = sample(), time.sleep(seconds)
+        t1, i1 = sample()
+        return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
 def auto_threads() -> int:
     """CPU threads for torch when ``trainer.threads`` is null: ``OMP_NUM_THREADS`` or Slurm's
-    ``SLURM_CPUS_PER_TASK`` when set, else the CPUs this process may use less the ones already
-    busy (the 1-minute load average), at least 1. On a shared 2-core machine under load this is 1:
-    torch's default (every core) made training 2.2x slower there (README, Speed)."""
+    ``SLURM_CPUS_PER_TASK`` when set, else the CPUs this process may use less the ones other
+    work keeps busy (:func:`busy_cpus`), at least 1. On a shared 2-core machine under load this
+    is 1: torch's default (every core) trains several times slower there (README, Speed)."""
     import os
 
     for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
@@ -34,11 +56,7 @@ def auto_threads() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cpus, cpus - int(busy + 0.5)))
+    return max(1, min(cpus, cpus - int(busy_cpus() + 0.5)))
 
 
 def set_threads(threads: Any) -> int:

@@ -41,6 +41,23 @@ def ranking_metrics(dist: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int
     return out
 
 
+def chance_metrics(relevant: torch.Tensor, candidates: torch.Tensor,
+                   ks: Sequence[int] = KS) -> Dict[str, torch.Tensor]:
+    """The chance level per query: what a random ranking of its ``G`` candidates, ``R`` of them
+    relevant, scores: recall@k = ``1 - C(G-R, k) / C(G, k)``, and ``R / G`` for AP (the usual
+    chance level of mAP). ``relevant``, ``candidates``: ``[Q, G]`` bool."""
+    G = candidates.sum(1).double()
+    R = (relevant & candidates).sum(1).double()
+    out = {}
+    for k in ks:
+        miss = torch.ones_like(R)
+        for i in range(k):
+            miss = miss * ((G - R - i).clamp_min(0) / (G - i).clamp_min(1))
+        out[f"recall@{k}"] = (1 - miss).float()
+    out["ap"] = (R / G.clamp_min(1)).float()
+    return out
+
+
 @torch.no_grad()
 def embed_modality(algo, split: SplitData, modality: str, batch: int = 512) -> torch.Tensor:
     """Embeddings ``[S, D]`` of every sample of ``split`` from ``modality`` alone."""
@@ -94,13 +111,15 @@ def retrieval(algo, split: SplitData, query_modality: str, gallery_modality: str
                 continue
             for name, v in ranking_metrics(dist[keep], rel[keep]).items():
                 sums[kind][name] = sums[kind].get(name, 0.0) + v.sum().item()
+            for name, v in chance_metrics(rel[keep], torch.isfinite(dist[keep])).items():
+                sums[kind]["chance " + name] = sums[kind].get("chance " + name, 0.0) + v.sum().item()
             counts[kind] += int(keep.sum())
     result = {"query_modality": query_modality, "gallery_modality": gallery_modality,
               "queries": len(q_idx), "gallery": len(g_idx)}
     for kind in ("class", "instance"):
         n = counts[kind]
-        result[kind] = ({("mAP" if k == "ap" else k): 100 * v / n for k, v in sums[kind].items()}
-                        | {"queries": n}) if n else None
+        result[kind] = ({k.replace("ap", "mAP") if k.endswith("ap") else k: 100 * v / n
+                         for k, v in sums[kind].items()} | {"queries": n}) if n else None
     return result
 
 
@@ -112,6 +131,8 @@ def format_table(result: Dict) -> str:
     for kind in ("class", "instance"):
         r = result[kind]
         lines.append(f"{kind:<9}" + ("".join(f"{r[c]:>10.2f}" for c in cols) if r else "  (no queries)"))
+        if r:
+            lines.append(f"{'  chance':<9}" + "".join(f"{r['chance ' + c]:>10.2f}" for c in cols))
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from metamm_cli.config import config_dir, register_schemas
 _script = Path(sys.executable).with_name("metamm")
 METAMM = [str(_script)] if _script.exists() else [shutil.which("metamm") or "metamm"]
 SMOKE = ["+exp=smoke"]
+HANG_GUARD = 1800  # seconds: only against a hung process, never a measure of speed
 
 
 def run_metamm(args, cwd, env=None, check=True):
@@ -23,7 +24,7 @@ def run_metamm(args, cwd, env=None, check=True):
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     proc = subprocess.run(METAMM + [str(a) for a in args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_GUARD)
     if check and proc.returncode != 0:
         raise AssertionError(f"metamm {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")

@@ -46,15 +46,27 @@ def test_eval_checkpoint_with_overrides(smoke_run):
     proc = run_metamm(["eval", "--ckpt", ckpt, "episode.way=4", "eval.episodes=30",
                        "eval.split=val"], smoke_run["cwd"])
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("accuracy: ")]
-    assert line and line[0].endswith("(95% CI, 30 episodes)")
+    # the setting in words and the chance level: 4-way here
+    assert line and line[0].endswith("(95% CI, 30 episodes of the val split; 4-way 1-shot 3-query, chance 25.00%)")
     out = sorted((smoke_run["cwd"] / "outputs" / "evals").glob("*/eval.json"))[-1]
     report = json.loads(out.read_text())
     assert report["episodes"] == 30 and report["split"] == "val"
     assert report["config"]["episode"]["way"] == 4  # override applied ...
     assert report["config"]["episode"]["shot"] == 1 and report["config"]["encoder"]["dim"] == 16  # ... on the checkpoint's config
-    assert line[0] == f"accuracy: {report['accuracy']:.2f} +- {report['ci95']:.2f} (95% CI, 30 episodes)"
+    assert line[0].startswith(f"accuracy: {report['accuracy']:.2f} +- {report['ci95']:.2f} (95% CI, 30 episodes")
     assert out.parent.name.endswith(f"_smoke_{smoke_run['run_dir'].name}_best")  # says which run
     assert line[0] in (out.parent / "eval.log").read_text()
+
+
+def test_eval_starts_from_the_runs_own_eval_settings(smoke_run):
+    """+exp=smoke stores eval.episodes: 20 (an Omniglot preset: 1000): `metamm eval` runs that
+    many, as the run's other keys, unless the command line says otherwise."""
+    run = smoke_run["run_dir"]
+    stored = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["config"]["eval"]
+    proc = run_metamm(["eval", "--ckpt", run, "missing.test.audio=0.5"], smoke_run["cwd"])
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("accuracy: "))
+    assert f"95% CI, {stored['episodes']} episodes of the {stored['split']} split" in line, line
+    assert "missing audio 0.5, chance 33.33%" in line, line
 
 
 def test_eval_is_reproducible(smoke_run):

@@ -112,6 +112,10 @@ def test_retrieval_on_hand_made_embeddings():
     assert r["class"]["recall@1"] == 100 and r["class"]["mAP"] == 100
     # by instance: q0's own image is 2nd, q1's 1st, q2's 2nd -> R@1 = 1/3, AP = (1/2 + 1 + 1/2) / 3
     assert abs(r["instance"]["recall@1"] - 100 / 3) < 1e-4
+    # chance: by class 2 of 4 gallery items are relevant -> R@1 = 1/2, R@5 = 1, mAP = 1/2;
+    # by instance 1 of 4 -> R@1 = 1/4
+    assert r["class"]["chance recall@1"] == 50 and r["class"]["chance recall@5"] == 100
+    assert r["class"]["chance mAP"] == 50 and r["instance"]["chance recall@1"] == 25
     assert abs(r["instance"]["mAP"] - 100 * (0.5 + 1 + 0.5) / 3) < 1e-4
     assert r["instance"]["recall@5"] == 100
     with pytest.raises(ConfigError, match="eval.gallery_modality=smell"):
@@ -133,12 +137,13 @@ def test_crossmodal_eval_and_retrieval_from_a_checkpoint(crossmodal_run):
     cwd, run = crossmodal_run
     proc = run_metamm(["eval", "--ckpt", run, "eval.episodes=20", "eval.tasks_per_batch=10",
                        "episode.support_modalities=[audio]", "episode.query_modalities=[image]"], cwd)
-    assert proc.stdout.startswith("accuracy: ")
+    assert proc.stdout.startswith("accuracy: ")  # the setting in words, with the chance level
+    assert "support ['audio'] -> query ['image'], chance 33.33%" in proc.stdout.splitlines()[0]
     report = json.loads(next(cwd.glob("outputs/evals/*/eval.json")).read_text())
     assert report["config"]["episode"]["support_modalities"] == ["audio"] and report["episodes"] == 20
     proc = run_metamm(["eval", "--ckpt", run, "eval.task=retrieval", "eval.query_modality=audio",
                        "eval.gallery_modality=image"], cwd)
-    assert "recall@10" in proc.stdout and "instance" in proc.stdout
+    assert "recall@10" in proc.stdout and "instance" in proc.stdout and "chance" in proc.stdout
     report = json.loads(max(cwd.glob("outputs/evals/*/eval.json")).read_text())
     assert report["task"] == "retrieval" and report["queries"] == report["gallery"] > 0
     for kind in ("class", "instance"):

@@ -28,6 +28,13 @@ CASES = [
     (["eval", "--ckpt", "/no/such.pt"], ["--ckpt /no/such.pt", "no such file"]),
     (["frobnicate"], ["unknown command 'frobnicate'", "train, eval, data"]),
     (["data", "dataset.codes={train: 1}"], ["dataset.codes", ">= 2"]),
+    (TRAIN + ["trainer.threads=0"], ["trainer.threads=0", "null (auto) or >= 1"]),
+    # a key the target does not take, or a required one unset: named, with what is allowed
+    (TRAIN + ["+dataset.bogus=1"], ["dataset.bogus: not a setting of dataset SyntheticMultimodal", "samples_per_class"]),
+    (TRAIN + ["+fusion.bogus=1"], ["fusion.bogus: not a setting of fusion Concat"]),
+    (TRAIN + ["dataset=folder"], ["dataset.root must be set"]),
+    (["train", "+exp=omniglot_protonet_5w1s", "dataset=folder", "dataset.root=."],
+     ["+exp=omniglot_protonet_5w1s is a preset for dataset=omniglot, not dataset=folder"]),
 ]
 if not torch.cuda.is_available():
     CASES.append((TRAIN + ["trainer.device=cuda"], ["trainer.device=cuda", "auto or cpu"]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import METAMM, compose_cfg, run_dir_of, run_metamm
+from conftest import HANG_GUARD, METAMM, compose_cfg, run_dir_of, run_metamm
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -45,7 +45,7 @@ def read_until(proc, needle):
     return "".join(lines)
 
 
-def wait_for(predicate, timeout=120):
+def wait_for(predicate, timeout=HANG_GUARD):
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -54,7 +54,7 @@ def wait_for(predicate, timeout=120):
 
 def finish(proc):
     out = proc.stdout.read()
-    return proc.wait(timeout=120), out
+    return proc.wait(timeout=HANG_GUARD), out
 
 
 def scalars(run, tag):

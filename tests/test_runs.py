@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import METAMM, run_dir_of, run_metamm
+from conftest import HANG_GUARD, METAMM, run_dir_of, run_metamm
 
 from metamm_cli import ConfigError
 from metamm_cli.checkpoint import clean_orphans
@@ -30,7 +30,7 @@ def start(args, cwd, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
-def wait_for(predicate, timeout=300):
+def wait_for(predicate, timeout=HANG_GUARD):
     deadline = time.monotonic() + timeout  # a hang guard only
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -97,7 +97,7 @@ def test_two_resumes_started_together_one_refuses(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-            p.communicate(timeout=300)
+            p.communicate(timeout=HANG_GUARD)
     assert (run / "train.log").read_text().count("resumed from") == 1  # only one trained the run
     assert not (run / RUNNING).exists()
 
@@ -109,7 +109,7 @@ def test_signal_during_start_up_leaves_nothing(tmp_path, signum, code):
     wait_for(lambda: list(tmp_path.glob("outputs/smoke/runs/*/.hydra")))  # Hydra made the folder
     time.sleep(0.3)
     p.send_signal(signum)
-    out, err = p.communicate(timeout=300)
+    out, err = p.communicate(timeout=HANG_GUARD)
     assert p.returncode == code, (out, err)
     assert "interrupted during start-up; nothing was saved" in err and "Traceback" not in err, err
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.log"))
@@ -122,7 +122,7 @@ def test_interrupted_sweep_job_prints_a_resume_command_that_works(tmp_path):
                "trainer.log_every=1", "trainer.tensorboard=false"], tmp_path)
     wait_for(lambda: list(tmp_path.glob("outputs/smoke/multiruns/*/*/checkpoints/last.pt")))
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=300)
+    out, err = p.communicate(timeout=HANG_GUARD)
     assert p.returncode == 143, (out, err)
     line = next(ln for ln in (out + err).splitlines() if "resume with: " in ln)
     command = shlex.split(line.split("resume with: ", 1)[1])
@@ -149,7 +149,7 @@ def _limit_memory():
 
 def test_out_of_memory_is_one_line_and_leaves_no_folder(tmp_path):
     proc = subprocess.run(METAMM + ["train", "+exp=smoke", "trainer.meta_batch=200000", "trainer.threads=1"],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=HANG_GUARD,
                           preexec_fn=_limit_memory)
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
