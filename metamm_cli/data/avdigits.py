@@ -20,6 +20,11 @@ With only ten classes, the protocols (``protocol``) are:
 
 ``root`` holds ``mnist/`` (the four IDX ``.gz`` files) and ``fsdd/recordings/``
 (``{digit}_{speaker}_{index}.wav``); ``mnist_dir`` and ``fsdd_dir`` override those sub-paths.
+Recordings at another rate than ``rate`` are resampled (band-limited,
+:func:`metamm_cli.data.decode.resample`).
+
+The digits of each split (in label order) are the :meth:`state_dict`; a checkpoint's state
+restores them, and a stored digit without recordings in its split today is an error naming it.
 """
 from __future__ import annotations
 
@@ -31,13 +36,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from metamm_cli import ConfigError
-from metamm_cli.data.base import MultimodalDataset
+from metamm_cli.data.base import SPLITS, MultimodalDataset, files_digest, require_path
 from metamm_cli.data.cache import cached
-from metamm_cli.data.decode import decode_image, decode_wav, log_mel
+from metamm_cli.data.decode import check_audio_settings, decode_image, decode_wav, log_mel, resample
 from metamm_cli.data.episodes import ModalitySpec, SplitData
+from metamm_cli.data.progress import decoding
 
 MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -58,7 +63,8 @@ def read_idx(path: Path) -> np.ndarray:
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
         return data.reshape(dims)
     except (OSError, ValueError, struct.error, EOFError) as e:
-        raise ConfigError(f"{path}: not a readable MNIST IDX file ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{path}: not a readable MNIST IDX file (corrupt, cut short or not "
+                          f"unsigned bytes)") from None
 
 
 class AVDigits(MultimodalDataset):
@@ -77,9 +83,9 @@ class AVDigits(MultimodalDataset):
         if protocol not in ("digits", "speakers"):
             raise ConfigError(f"dataset.protocol={protocol}: must be 'digits' (train 0-4, test 5-9) "
                               f"or 'speakers' (unseen speakers at test)")
-        if n_fft < 16 or hop < 1 or n_mels < 2 or frames < 4 or rate < 1000:
-            raise ConfigError("dataset: n_fft >= 16, hop >= 1, n_mels >= 2, frames >= 4, rate >= 1000 required")
-        root_p = Path(str(root)).expanduser()
+        check_audio_settings("dataset.", n_fft, hop, n_mels, frames, rate)
+        root_p = require_path(root, "dataset.root", "the folder holding mnist/ and fsdd/recordings/")
+        self.root = root_p
         self.mnist = root_p / mnist_dir
         self.fsdd = root_p / fsdd_dir
         missing = [str(self.mnist / f) for fs in MNIST_FILES.values() for f in fs if not (self.mnist / f).is_file()]
@@ -93,14 +99,16 @@ class AVDigits(MultimodalDataset):
         self.mel = dict(rate=rate, n_fft=n_fft, hop=hop, n_mels=n_mels, frames=frames)
         self.cache, self.cache_dir = cache, cache_dir
         self._data: Optional[dict] = None
+        self._recs: Optional[List[Tuple[int, str, int, Path]]] = None
+        self._classes: Optional[Dict[str, List[int]]] = None
+        self._picked: Dict[str, Tuple[List[int], List[int]]] = {}
 
     # -- decoding ---------------------------------------------------------------------------
     def audio_features(self, wave: torch.Tensor, rate: int) -> torch.Tensor:
-        """A waveform -> ``[n_mels, frames]`` standardised log-mel (resampled linearly to ``rate``)."""
+        """A waveform -> ``[n_mels, frames]`` standardised log-mel (resampled, band-limited, to ``rate``)."""
         target = self.mel["rate"]
         if rate != target:
-            n = max(1, round(wave.numel() * target / rate))
-            wave = F.interpolate(wave[None, None], size=n, mode="linear", align_corners=False)[0, 0]
+            wave = resample(wave, rate, target)
         m = log_mel(wave, target, self.mel["n_fft"], self.mel["hop"], self.mel["n_mels"], self.mel["frames"])[0]
         return (m - m.mean()) / m.std().clamp_min(1e-5)
 
@@ -112,12 +120,15 @@ class AVDigits(MultimodalDataset):
         raise ConfigError(f"dataset avdigits has no modality '{modality}' (image, audio)")
 
     def recordings(self) -> List[Tuple[int, str, int, Path]]:
-        out = []
-        for p in sorted(self.fsdd.glob("*.wav")):
-            m = _WAV.match(p.name)
-            if m:
-                out.append((int(m[1]), m[2], int(m[3]), p))
-        return out
+        """``(digit, speaker, index, path)`` of every FSDD file, sorted by name (cached)."""
+        if self._recs is None:
+            out = []
+            for p in sorted(self.fsdd.glob("*.wav")):
+                m = _WAV.match(p.name)
+                if m:
+                    out.append((int(m[1]), m[2], int(m[3]), p))
+            self._recs = out
+        return self._recs
 
     def load(self) -> dict:
         """Every recording's features plus the MNIST arrays (cached)."""
@@ -129,7 +140,8 @@ class AVDigits(MultimodalDataset):
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)  # thousands of tiny STFTs: threading only costs
                 try:
-                    audio = torch.stack([self.audio_features(*decode_wav(p)) for *_, p in recs])
+                    audio = torch.stack([self.audio_features(*decode_wav(p))
+                                         for *_, p in decoding(recs, f"recordings of {self.fsdd}")])
                 finally:
                     torch.set_num_threads(threads)
                 out = {"audio": audio, "digit": [r[0] for r in recs], "speaker": [r[1] for r in recs],
@@ -142,15 +154,15 @@ class AVDigits(MultimodalDataset):
                     out[f"mnist_{part}_labels"] = torch.from_numpy(labels.astype(np.int64))
                 return out
 
-            self._data = cached("avdigits", files, {"kind": "avdigits", **self.mel}, build,
+            self._data = cached("avdigits", files, {"kind": "avdigits", "resampler": "sinc", **self.mel}, build,
                                 self.cache_dir, self.cache)
         return self._data
 
-    def assignment(self) -> Dict[str, List[int]]:
-        """Recording rows of each split under the protocol."""
-        d = self.load()
+    def _protocol_rows(self) -> Dict[str, List[int]]:
+        """Recording rows (of :meth:`recordings`, the order of the decoded arrays) of each split
+        under the protocol; from the file names only."""
         rows: Dict[str, List[int]] = {"train": [], "val": [], "test": []}
-        for i, (digit, spk, idx) in enumerate(zip(d["digit"], d["speaker"], d["index"])):
+        for i, (digit, spk, idx, _) in enumerate(self.recordings()):
             if self.protocol == "digits":
                 if digit >= 5:
                     split = "test" if idx <= 4 else None
@@ -161,6 +173,22 @@ class AVDigits(MultimodalDataset):
             if split:
                 rows[split].append(i)
         return rows
+
+    def classes(self) -> Dict[str, List[int]]:
+        """The digits of each split, in label order: those with recordings under the protocol,
+        or a checkpoint's lists."""
+        if self._classes is None:
+            recs = self.recordings()
+            self._classes = {s: sorted({recs[i][0] for i in r}) for s, r in self._protocol_rows().items()}
+        return self._classes
+
+    def num_classes(self, split: str) -> int:
+        return len(self.classes()[split])
+
+    def assignment(self) -> Dict[str, List[int]]:
+        """The recording rows of each split: the protocol's, of the split's digits."""
+        recs, classes = self.recordings(), self.classes()
+        return {s: [i for i in r if recs[i][0] in classes[s]] for s, r in self._protocol_rows().items()}
 
     def build_split(self, split: str) -> SplitData:
         d, rows = self.load(), self.assignment()
@@ -188,9 +216,47 @@ class AVDigits(MultimodalDataset):
         if len(r) == 0:
             raise ConfigError(f"avdigits: the {split} split of protocol {self.protocol} is empty "
                               f"(recordings in {self.fsdd} incomplete?)")
-        digits = torch.tensor([d["digit"][i] for i in rows[split]])
-        classes = sorted(set(digits.tolist()))
-        labels = torch.searchsorted(torch.tensor(classes), digits)
+        classes = self.classes()[split]
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[d["digit"][i]] for i in rows[split]], dtype=torch.long)
         image = d["mnist_test" if split == "test" else "mnist_train"][torch.tensor(picked[split])]
         present = torch.ones(len(r), 2, dtype=torch.bool)
+        self._picked[split] = (rows[split], picked[split])
         return SplitData({"image": image, "audio": d["audio"][r]}, present, labels, len(classes))
+
+    def describe_row(self, split: str, row: int) -> str:
+        recs, picked = self._picked[split]
+        digit, _, _, path = self.recordings()[recs[row]]
+        part = "test" if split == "test" else "train"
+        return (f"{split}/{digit}/{path.stem} (audio: {path}, image: #{picked[row]} of "
+                f"{self.mnist / MNIST_FILES[part][0]})")
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"dataset": self.name, "format": 1,
+                "classes": {s: [int(c) for c in v] for s, v in self.classes().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self._check_state(state) or state.get("classes") is None:
+            return
+        self._classes = {s: [int(c) for c in state["classes"][s]] for s in SPLITS}
+        rows = self.assignment()
+        for s in SPLITS:
+            have = {self.recordings()[i][0] for i in rows[s]}  # (cached list)
+            gone = [c for c in self._classes[s] if c not in have]
+            if gone:
+                raise ConfigError(f"dataset.root={self.root}: digit {gone[0]} of the {s} split has no recordings "
+                                  f"in {self.fsdd} any more; the checkpoint was trained with it")
+        self._cache.clear()
+        self._kept.clear()
+
+    def fingerprint(self) -> Dict[str, Dict[str, object]]:
+        """Per split, its recordings and the MNIST files its images come from, by name, size and
+        modification time."""
+        rows, recs = self.assignment(), self.recordings()
+        out = {}
+        for s in SPLITS:
+            part = "test" if s == "test" else "train"
+            files = [recs[i][3] for i in rows[s]] + [self.mnist / f for f in MNIST_FILES[part]]
+            out[s] = files_digest(files, self.root)
+        return out

@@ -44,26 +44,52 @@ def cached(name: str, files: Iterable[Path], settings: Dict[str, Any],
            build: Callable[[], Dict[str, Any]], folder: Optional[str] = None,
            enabled: bool = True) -> Dict[str, Any]:
     """``build()``'s result, from ``<folder>/<name>-<fingerprint>.pt`` when present, else built
-    and stored there (a failure to write the cache only logs a warning)."""
+    and stored there (a failure to write the cache, for any reason, only logs a warning; an
+    unreadable entry is rebuilt)."""
     if not enabled:
         return build()
     path = cache_dir(folder) / f"{name}-{fingerprint(files, settings)}.pt"
     if path.is_file():
         try:
-            return torch.load(path, weights_only=True)
-        except Exception as e:  # a damaged entry is rebuilt, never fatal
+            value = torch.load(path, weights_only=True)
+            if isinstance(value, dict):
+                return value
+            raise ValueError("not a dict")
+        except Exception as e:  # noqa: BLE001 - a damaged entry is rebuilt, never fatal
             log.warning(f"cache entry {path} unreadable ({type(e).__name__}): rebuilding it")
     value = build()
+    store(path, value)
+    return value
+
+
+def _reason(e: BaseException) -> str:
+    """A short cause for a warning: the OS's words, else the exception's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__
+
+
+def store(path: Path, value: Dict[str, Any]) -> bool:
+    """Write ``value`` to ``path`` atomically (a temporary file renamed into place). Any failure
+    (a full disk makes ``torch.save`` raise RuntimeError, not OSError) logs one warning line and
+    returns False: the cache only saves time."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(value, fh)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(value, fh)
+        os.replace(tmp, path)
+        tmp = None
+        return True
+    except Exception as e:  # noqa: BLE001 - any reason: warn, carry on without the cache
+        log.warning(f"could not write the data cache {path} ({_reason(e)}); carrying on without "
+                    f"it (set dataset.cache_dir or METAMM_CACHE to a writable folder with space)")
+        return False
+    finally:
+        if tmp is not None:
+            try:
                 os.unlink(tmp)
-    except OSError as e:
-        log.warning(f"could not write the data cache {path} ({e}); set dataset.cache_dir or METAMM_CACHE")
-    return value
+            except OSError:
+                pass

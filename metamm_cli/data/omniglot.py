@@ -17,6 +17,9 @@ Images are held as uint8 (1 byte per pixel, strokes bright on black: ``invert``)
 float32 in [0, 1] in the sampler's gather. Decoding 32,460 PNGs takes seconds once; the arrays
 are cached (:mod:`metamm_cli.data.cache`). ``download=true`` fetches missing zips from the
 dataset's home (github brendenlake/omniglot) and checks the original MD5 checksums.
+
+The characters of each split (in label order) are the :meth:`state_dict`; a checkpoint's state
+restores them, and a stored character missing from today's archives is an error naming it.
 """
 from __future__ import annotations
 
@@ -35,10 +38,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from metamm_cli import ConfigError
-from metamm_cli.data.base import MultimodalDataset
+from metamm_cli.data.base import SPLITS, MultimodalDataset, files_digest, require_path
 from metamm_cli.data.cache import cached
 from metamm_cli.data.decode import decode_image
 from metamm_cli.data.episodes import ModalitySpec, SplitData
+from metamm_cli.data.progress import decoding
 
 log = logging.getLogger("metamm")
 
@@ -145,12 +149,13 @@ class Omniglot(MultimodalDataset):
         if split not in ("vinyals", "lake"):
             raise ConfigError(f"dataset.split={split}: must be 'vinyals' (Vinyals et al. 2016: "
                               f"1028/172/423 characters x 4 rotations) or 'lake' (background/evaluation alphabets)")
-        if not 8 <= image_size <= 105:
-            raise ConfigError(f"dataset.image_size={image_size}: must be in [8, 105]")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or not 8 <= image_size <= 105:
+            raise ConfigError(f"dataset.image_size={image_size}: must be an integer in [8, 105]")
         rotations = list(rotations if rotations is not None else ([0, 90, 180, 270] if split == "vinyals" else [0]))
         if not rotations or any(r not in (0, 90, 180, 270) for r in rotations) or len(set(rotations)) != len(rotations):
             raise ConfigError(f"dataset.rotations={rotations}: distinct values among 0, 90, 180, 270")
-        self.root, self.split_name, self.image_size = Path(str(root)).expanduser(), split, image_size
+        self.root = require_path(root, "dataset.root", "the folder holding images_background.zip and images_evaluation.zip")
+        self.split_name, self.image_size = split, image_size
         self.rotations, self.invert = rotations, invert
         self.val_alphabets = list(val_alphabets if val_alphabets is not None else VINYALS_VAL)
         self.cache, self.cache_dir = cache, cache_dir
@@ -168,6 +173,9 @@ class Omniglot(MultimodalDataset):
                     f"brendenlake/omniglot, python/) there, or set dataset.download=true")
             self.paths[top] = path
         self._decoded: Dict[str, dict] = {}
+        self._archives: Dict[str, Archive] = {}
+        self._classes: Optional[Dict[str, List[Tuple[str, str, str]]]] = None
+        self._blocks: Dict[str, list] = {}
 
     # -- decoding ---------------------------------------------------------------------------
     def decode(self, modality: str, path: str) -> torch.Tensor:
@@ -175,19 +183,26 @@ class Omniglot(MultimodalDataset):
             raise ConfigError(f"dataset omniglot has no modality '{modality}' (only image)")
         return decode_image(path, self.image_size, 1, invert=self.invert)
 
+    def index(self, top: str) -> Archive:
+        """The file list of one archive (names only; cheap)."""
+        if top not in self._archives:
+            self._archives[top] = Archive(self.paths[top], top)
+        return self._archives[top]
+
     def archive(self, top: str) -> dict:
         """``{"images": uint8 [n, 1, s, s], "keys": ["alphabet/characterNN/NNNN_DD", ...]}``."""
         if top not in self._decoded:
-            arc = Archive(self.paths[top], top)
+            arc = self.index(top)
             settings = {"kind": "omniglot-images", "top": top, "size": self.image_size, "invert": self.invert}
 
             def build():
+                members = [(alpha, char, stem, member) for (alpha, char), ms in sorted(arc.entries.items())
+                           for stem, member in ms]
                 keys, images = [], []
-                for (alpha, char), members in sorted(arc.entries.items()):
-                    for stem, member in members:
-                        images.append(decode_image(arc.read(member), self.image_size, 1,
-                                                   invert=self.invert, name=f"{arc.path}:{member}"))
-                        keys.append(f"{alpha}/{char}/{stem}")
+                for alpha, char, stem, member in decoding(members, f"images of {arc.path}"):
+                    images.append(decode_image(arc.read(member), self.image_size, 1,
+                                               invert=self.invert, name=f"{arc.path}:{member}"))
+                    keys.append(f"{alpha}/{char}/{stem}")
                 return {"images": torch.stack(images), "keys": keys}
 
             self._decoded[top] = cached(f"omniglot-{top}", arc.source_files(), settings, build,
@@ -196,23 +211,27 @@ class Omniglot(MultimodalDataset):
 
     # -- splits -----------------------------------------------------------------------------
     def characters(self, split: str) -> List[Tuple[str, str, str]]:
-        """The ``(archive, alphabet, characterNN)`` of a split, in a fixed order."""
+        """The ``(archive, alphabet, characterNN)`` of a split, in label order (a checkpoint's
+        lists when loaded)."""
+        if self._classes is not None:
+            return self._classes[split]
         if self.split_name == "vinyals":
             lists = vinyals_lists()[split]
             return [(f"images_{part}", a, c) for part in ("background", "evaluation")
                     for a in sorted(lists.get(part, {})) for c in lists[part][a]]
         if split == "test":
-            arc = self.archive("images_evaluation")
-            return sorted({("images_evaluation",) + tuple(k.split("/")[:2]) for k in arc["keys"]})
-        arc = self.archive("images_background")
-        alphabets = sorted({k.split("/")[0] for k in arc["keys"]})
+            return sorted(("images_evaluation", a, c) for a, c in self.index("images_evaluation").entries)
+        entries = self.index("images_background").entries
+        alphabets = sorted({a for a, _ in entries})
         unknown = [a for a in self.val_alphabets if a not in alphabets]
         if unknown:
             raise ConfigError(f"dataset.val_alphabets: {unknown} are not background alphabets; "
                               f"choose among {alphabets}")
         keep = set(self.val_alphabets) if split == "val" else set(alphabets) - set(self.val_alphabets)
-        return sorted({("images_background",) + tuple(k.split("/")[:2]) for k in arc["keys"]
-                       if k.split("/")[0] in keep})
+        return sorted(("images_background", a, c) for a, c in entries if a in keep)
+
+    def num_classes(self, split: str) -> int:
+        return len(self.characters(split)) * len(self.rotations)
 
     def build_split(self, split: str) -> SplitData:
         chars = self.characters(split)
@@ -230,17 +249,64 @@ class Omniglot(MultimodalDataset):
             rows.setdefault(top, []).extend(found)
             char_of.setdefault(top, []).extend([c] * len(found))
         R = len(self.rotations)
-        images, labels = [], []
+        images, labels, blocks = [], [], []
         for top in sorted(rows):
             x = self.archive(top)["images"][torch.tensor(rows[top])]  # one gather per archive
             c = torch.tensor(char_of[top])
             for r, rot in enumerate(self.rotations):
                 images.append(torch.rot90(x, rot // 90, dims=(-2, -1)) if rot else x)
                 labels.append(c * R + r)
+                blocks.append((top, rot, rows[top]))
+        self._blocks[split] = blocks
         images_t, labels_t = torch.cat(images), torch.cat(labels)
         present = torch.ones(len(labels_t), 1, dtype=torch.bool)
         return SplitData({"image": images_t.contiguous()}, present, labels_t,
                          len(chars) * len(self.rotations))
+
+    def describe_row(self, split: str, row: int) -> str:
+        for top, rot, idx in self._blocks[split]:
+            if row < len(idx):
+                alpha, char, stem = self.archive(top)["keys"][idx[row]].split("/")
+                member = dict(self.index(top).entries[(alpha, char)])[stem]
+                where = f"{self.paths[top]}:{member}" if self.paths[top].is_file() else \
+                    str(self.paths[top].parent / member)
+                return where + (f" rotated {rot} degrees" if rot else "")
+            row -= len(idx)
+        raise IndexError(row)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"dataset": self.name, "format": 1,
+                "classes": {s: ["/".join(c) for c in self.characters(s)] for s in SPLITS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self._check_state(state) or state.get("classes") is None:
+            return
+        classes = {s: [tuple(str(c).split("/")) for c in state["classes"][s]] for s in SPLITS}
+        for s in SPLITS:
+            for c in classes[s]:
+                if len(c) != 3 or c[0] not in self.paths:
+                    raise ConfigError(f"the checkpoint's omniglot class '{'/'.join(c)}' is not "
+                                      f"ARCHIVE/Alphabet/characterNN")
+                if (c[1], c[2]) not in self.index(c[0]).entries:
+                    raise ConfigError(f"{self.paths[c[0]]}: character {c[1]}/{c[2]} of the {s} split "
+                                      f"is missing; the checkpoint was trained with it")
+        self._classes = classes
+        self._cache.clear()
+        self._kept.clear()
+
+    def fingerprint(self) -> Dict[str, Dict[str, object]]:
+        """Per split, the archives its characters come from (a zip, or an extracted folder's
+        PNGs), by name, size and modification time."""
+        out = {}
+        for s in SPLITS:
+            tops = sorted({c[0] for c in self.characters(s)})
+            files = []
+            for top in tops:
+                path = self.paths[top]
+                files += [path] if path.is_file() else sorted(path.rglob("*.png"))
+            out[s] = files_digest(files, self.root)
+        return out
 
     def describe(self) -> str:
         return (f"omniglot ({self.split_name} split, rotations {self.rotations}): image{list(self.all_modalities['image'].shape)} "

@@ -14,20 +14,23 @@ characters in 8 alphabets; each is paired with the PNG of the same ``NNNN_DD`` n
 Classes are the 242 characters, split by alphabet (fixed; ``alphabets`` overrides):
 train = Japanese_(katakana), Korean, Latin, Sanskrit (155 characters); val = Balinese, Tagalog
 (41); test = Early_Aramaic, Greek (46). No rotations.
+
+The characters of each split (in label order) are the :meth:`state_dict`; a checkpoint's state
+restores them, and a stored character without stroke files today is an error naming it.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from metamm_cli import ConfigError
-from metamm_cli.data.base import SPLITS, MultimodalDataset
+from metamm_cli.data.base import SPLITS, MultimodalDataset, files_digest, require_path
 from metamm_cli.data.cache import cached
 from metamm_cli.data.decode import decode_image, decode_strokes
 from metamm_cli.data.episodes import ModalitySpec, SplitData
 from metamm_cli.data.omniglot import Archive, find_archive
+from metamm_cli.data.progress import decoding
 
 ALPHABETS = {"train": ["Japanese_(katakana)", "Korean", "Latin", "Sanskrit"],
              "val": ["Balinese", "Tagalog"],
@@ -46,13 +49,15 @@ class OmniglotStrokes(MultimodalDataset):
             "strokes": ModalitySpec((length, 3), torch.float32, "strokes"),
         }
         super().__init__(modalities)
-        if not 8 <= image_size <= 105 or length < 8:
+        if (not isinstance(image_size, int) or not isinstance(length, int) or not 8 <= image_size <= 105
+                or length < 8):
             raise ConfigError(f"dataset: image_size in [8, 105] and length >= 8 are required "
                               f"(got {image_size}, {length})")
         self.alphabets = {s: list(v) for s, v in (alphabets or ALPHABETS).items()}
         if set(self.alphabets) != set(SPLITS):
             raise ConfigError(f"dataset.alphabets: needs exactly the keys {list(SPLITS)}")
-        self.root = Path(str(root)).expanduser()
+        self.root = require_path(root, "dataset.root", "the folder holding images_background.zip and "
+                                 "strokes_background_small{1,2}.zip")
         self.image_size, self.length, self.invert = image_size, length, invert
         self.cache, self.cache_dir = cache, cache_dir
         self.paths = {}
@@ -65,6 +70,9 @@ class OmniglotStrokes(MultimodalDataset):
                     f"strokes_background_small2.zip (github brendenlake/omniglot, python/) there")
             self.paths[top] = path
         self._data: Optional[dict] = None
+        self._archives: Optional[tuple] = None
+        self._classes: Optional[Dict[str, List[Tuple[str, str]]]] = None
+        self._rows: Dict[str, List[int]] = {}
 
     def decode(self, modality: str, path: str) -> torch.Tensor:
         if modality == "image":
@@ -73,20 +81,26 @@ class OmniglotStrokes(MultimodalDataset):
             return decode_strokes(path, self.length)
         raise ConfigError(f"dataset omniglot_strokes has no modality '{modality}' (image, strokes)")
 
+    def archives(self) -> Tuple[Archive, List[Archive]]:
+        """The image archive and the stroke archives (file lists only; cheap)."""
+        if self._archives is None:
+            self._archives = (Archive(self.paths["images_background"], "images_background", "png"),
+                              [Archive(self.paths[t], t, "txt") for t in STROKE_ARCHIVES])
+        return self._archives
+
     def load(self) -> dict:
-        """``{"image": uint8 [n, 1, s, s], "strokes": [n, L, 3], "alphabet": [...], "character": [...]}``
-        for every drawing that has both a PNG and a stroke file."""
+        """``{"image": uint8 [n, 1, s, s], "strokes": [n, L, 3], "alphabet": [...], "character": [...],
+        "png": [member], "stroke": [archive:member]}`` for every drawing that has both a PNG and a
+        stroke file."""
         if self._data is None:
-            images = Archive(self.paths["images_background"], "images_background", "png")
-            strokes = [Archive(self.paths[t], t, "txt") for t in STROKE_ARCHIVES]
-            settings = {"kind": "omniglot-strokes", "dedup": 1, "size": self.image_size, "length": self.length,
-                        "invert": self.invert}
+            images, strokes = self.archives()
+            settings = {"kind": "omniglot-strokes", "dedup": 1, "names": 1, "size": self.image_size,
+                        "length": self.length, "invert": self.invert}
             files = images.source_files() + [f for a in strokes for f in a.source_files()]
 
             def build():
                 png = {(a, c, stem): m for (a, c), v in images.entries.items() for stem, m in v}
-                out = {"image": [], "strokes": [], "alphabet": [], "character": []}
-                seen = set()  # the two zips overlap: 5,840 files, 4,840 distinct drawings
+                todo, seen = [], set()  # the two zips overlap: 5,840 files, 4,840 distinct drawings
                 for arc in strokes:
                     for (alpha, char), members in sorted(arc.entries.items()):
                         for stem, member in members:
@@ -96,30 +110,81 @@ class OmniglotStrokes(MultimodalDataset):
                             if (alpha, char, stem) not in png:
                                 raise ConfigError(f"{arc.path}:{member}: no PNG {alpha}/{char}/{stem}.png "
                                                   f"in {images.path} to pair it with")
-                            out["image"].append(decode_image(
-                                images.read(png[alpha, char, stem]), self.image_size, 1,
-                                invert=self.invert, name=f"{images.path}:{png[alpha, char, stem]}"))
-                            out["strokes"].append(decode_strokes(arc.read(member), self.length,
-                                                                 name=f"{arc.path}:{member}"))
-                            out["alphabet"].append(alpha)
-                            out["character"].append(char)
+                            todo.append((arc, alpha, char, stem, member))
+                out = {"image": [], "strokes": [], "alphabet": [], "character": [], "png": [], "stroke": []}
+                for arc, alpha, char, stem, member in decoding(todo, f"drawings (PNG + strokes) of {self.root}"):
+                    out["image"].append(decode_image(
+                        images.read(png[alpha, char, stem]), self.image_size, 1,
+                        invert=self.invert, name=f"{images.path}:{png[alpha, char, stem]}"))
+                    out["strokes"].append(decode_strokes(arc.read(member), self.length,
+                                                         name=f"{arc.path}:{member}"))
+                    out["alphabet"].append(alpha)
+                    out["character"].append(char)
+                    out["png"].append(f"{images.path}:{png[alpha, char, stem]}")
+                    out["stroke"].append(f"{arc.path}:{member}")
                 out["image"], out["strokes"] = torch.stack(out["image"]), torch.stack(out["strokes"])
                 return out
 
             self._data = cached("omniglot-strokes", files, settings, build, self.cache_dir, self.cache)
         return self._data
 
-    def build_split(self, split: str) -> SplitData:
-        d = self.load()
-        known = sorted(set(d["alphabet"]))
+    def characters(self, split: str) -> List[Tuple[str, str]]:
+        """The ``(alphabet, characterNN)`` of a split, in label order (a checkpoint's lists when
+        loaded): the characters with stroke files of the split's alphabets."""
+        if self._classes is not None:
+            return self._classes[split]
+        _, strokes = self.archives()
+        have = {k for arc in strokes for k in arc.entries}
+        known = sorted({a for a, _ in have})
         wanted = self.alphabets[split]
         unknown = [a for a in wanted if a not in known]
         if unknown:
             raise ConfigError(f"dataset.alphabets.{split}: {unknown} have no stroke files; choose among {known}")
-        chars = sorted({(a, c) for a, c in zip(d["alphabet"], d["character"]) if a in wanted})
+        return sorted(k for k in have if k[0] in wanted)
+
+    def num_classes(self, split: str) -> int:
+        return len(self.characters(split))
+
+    def build_split(self, split: str) -> SplitData:
+        chars = self.characters(split)
+        d = self.load()
         cls = {k: i for i, k in enumerate(chars)}
         rows = [i for i, k in enumerate(zip(d["alphabet"], d["character"])) if k in cls]
+        self._rows[split] = rows
         idx = torch.tensor(rows, dtype=torch.long)
-        labels = torch.tensor([cls[d["alphabet"][i], d["character"][i]] for i in rows])
+        labels = torch.tensor([cls[d["alphabet"][i], d["character"][i]] for i in rows], dtype=torch.long)
         present = torch.ones(len(rows), 2, dtype=torch.bool)
         return SplitData({"image": d["image"][idx], "strokes": d["strokes"][idx]}, present, labels, len(chars))
+
+    def describe_row(self, split: str, row: int) -> str:
+        d, i = self.load(), self._rows[split][row]
+        return f"{d['png'][i]} (strokes: {d['stroke'][i]})"
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"dataset": self.name, "format": 1,
+                "classes": {s: ["/".join(c) for c in self.characters(s)] for s in SPLITS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self._check_state(state) or state.get("classes") is None:
+            return
+        images, strokes = self.archives()
+        have = {k for arc in strokes for k in arc.entries}
+        classes = {s: [tuple(str(c).split("/")) for c in state["classes"][s]] for s in SPLITS}
+        for s in SPLITS:
+            for c in classes[s]:
+                if c not in have or c not in images.entries:
+                    where = "stroke files" if c not in have else f"PNGs in {images.path}"
+                    raise ConfigError(f"dataset.root={self.root}: character {'/'.join(c)} of the {s} "
+                                      f"split has no {where} any more; the checkpoint was trained with it")
+        self._classes = classes
+        self._cache.clear()
+        self._kept.clear()
+
+    def fingerprint(self) -> Dict[str, Dict[str, object]]:
+        """The image and stroke archives (zips, or extracted folders' files), by name, size and
+        modification time; every split is read from all of them."""
+        images, strokes = self.archives()
+        files = images.source_files() + [f for a in strokes for f in a.source_files()]
+        fp = files_digest(files, self.root)
+        return {s: dict(fp) for s in SPLITS}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from metamm_cli import ConfigError
-from metamm_cli.data.base import SPLITS, MultimodalDataset
+from metamm_cli.data.base import SPLITS, MultimodalDataset, settings_digest
 from metamm_cli.data.episodes import ModalitySpec, SplitData
 
 
@@ -85,6 +85,9 @@ class SyntheticMultimodal(MultimodalDataset):
         self.templates = {"image": glyphs(total, image_size, g), "audio": chords(total, audio_length, g),
                           "tokens": torch.randint(vocab, (total, token_length), generator=g)}
 
+    def num_classes(self, split: str) -> int:
+        return self.codes[split] ** 3
+
     def build_split(self, split: str) -> SplitData:
         n = self.codes[split]
         offset = sum(self.codes[s] for s in SPLITS[: SPLITS.index(split)])
@@ -117,6 +120,13 @@ class SyntheticMultimodal(MultimodalDataset):
         data["tokens"] = torch.where(flip, torch.randint(self.vocab, tokens.shape, generator=g), tokens)
         present = torch.ones(S, len(self.all_modalities), dtype=torch.bool)
         return SplitData(data, present, labels, C)
+
+    def fingerprint(self) -> Dict[str, Dict[str, object]]:
+        """Generated data: per split, a digest of the settings it is generated from."""
+        common = {"samples_per_class": self.samples_per_class, "image_size": self.image_size,
+                  "audio_length": self.audio_length, "token_length": self.token_length,
+                  "vocab": self.vocab, "noise": self.noise, "codes": self.codes, "seed": self.seed}
+        return {s: settings_digest({"split": s, **common}) for s in SPLITS}
 
     def decode(self, modality: str, path: str) -> torch.Tensor:
         raise ConfigError(f"dataset synthetic cannot decode files ({path}): it is generated; "
