@@ -161,7 +161,32 @@ def test_reptile_update_equals_formula():
     torch.testing.assert_close(g, torch.tensor([0.0, 2.0]))  # theta - mean(phi) = [1,2] - [1,0]
 
 
-@pytest.mark.parametrize("algorithm", sorted(p.stem for p in CONFIGS.glob("algorithm/*.yaml")))
+ALGORITHMS = sorted(p.stem for p in CONFIGS.glob("algorithm/*.yaml"))
+# crossmodal.info_nce casts the embeddings with .float() (not upcast): align's loss is float32
+FLOAT64_LOSS_KNOWN = {"align": "crossmodal.info_nce casts to float32 with .float()"}
+
+
+@pytest.mark.parametrize("algorithm", [pytest.param(a, marks=pytest.mark.xfail(
+    reason=FLOAT64_LOSS_KNOWN[a], strict=True)) if a in FLOAT64_LOSS_KNOWN else a for a in ALGORITHMS])
+def test_every_algorithm_runs_in_float64(algorithm):
+    """Forward and backward of a float64 model on a float64 episode stay float64 (no float32
+    cast where ``upcast`` is meant), in training and in evaluation."""
+    algo, ep = setup(f"algorithm={algorithm}", "dataset.modalities=[image,audio]", tasks=2)
+    loss, logits = algo(ep)
+    loss.backward()
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
+    grads = [p.grad for p in algo.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float64 and torch.isfinite(g).all() for g in grads)
+    if hasattr(algo, "inner_steps_eval"):
+        algo.inner_steps_eval = 2  # Reptile's 50 test-time steps: slow on CPU
+    algo.eval()
+    with torch.no_grad():
+        eval_loss, eval_logits = algo(ep)
+    assert eval_logits.dtype == torch.float64
+    assert loss.dtype == eval_loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_runs_under_bf16_autocast(algorithm):
     algo, ep = setup(f"algorithm={algorithm}", "fusion=attention", tasks=2, double=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):

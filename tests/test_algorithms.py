@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms import build_algorithm
-from metamm_cli.algorithms.maml import MAML, BatchStatNorm, maml_loss_loop, sgd_adapt
+from metamm_cli.algorithms.maml import MAML, BatchStatNorm, meta_loss_loop, sgd_adapt
 from metamm_cli.algorithms.protonet import prototypes, squared_euclidean
 from metamm_cli.data.episodes import EpisodeSampler
 
@@ -68,7 +68,7 @@ def test_batched_maml_gradient_equals_per_task_loop(first_order, head):
     params = [p for p in algo.parameters() if p.requires_grad]
     loss, logits = algo(ep)
     batched = torch.autograd.grad(loss, params)
-    looped = torch.autograd.grad(maml_loss_loop(algo, ep), params)
+    looped = torch.autograd.grad(meta_loss_loop(algo, ep), params)
     assert logits.shape == (ep.num_tasks, ep.query_labels.shape[1], ep.way)
     for a, b in zip(batched, looped):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

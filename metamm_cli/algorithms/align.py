@@ -17,4 +17,5 @@ class AlignProtoNet(ProtoNet):
 
     def forward(self, episode):
         _, logits = super().forward(episode)
-        return self.align(self.model, episode), logits.detach()
+        with self.task_groups(episode.num_tasks):  # it embeds [T, S+Q] in one call
+            return self.align(self.model, episode), logits.detach()

@@ -1,13 +1,15 @@
 """The one interface every meta-algorithm implements: ``Episode -> (loss, query logits)``."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import contextlib
+from typing import ContextManager, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metamm_cli.algorithms.functional import upcast
+from metamm_cli import ConfigError
+from metamm_cli.algorithms.functional import BN_STATS, task_groups, task_norms, upcast
 from metamm_cli.data.episodes import Episode
 from metamm_cli.models.net import MultimodalNet
 
@@ -19,20 +21,40 @@ class MetaAlgorithm(nn.Module):
     ``[T, N*Q, N]``. ``model`` is the multimodal embedding network; ``way`` is the training
     way, for algorithms with a way-sized head; ``num_classes`` the number of classes of the
     training split, for algorithms that classify over all of them (the transfer baseline).
+
+    ``bn_stats`` (the metric algorithms, which embed every task of a meta-batch in one call):
+    ``task`` (default) normalises each task's samples with that task's own BatchNorm batch
+    statistics while training and updates the running statistics as if the tasks had been
+    embedded one after another, as the papers train (one episode per forward); ``batch`` uses
+    the statistics of the whole meta-batch (every task at once). Eval mode: running statistics
+    either way. The MAML family normalises per task regardless (functional norms).
     """
 
-    def __init__(self, model: MultimodalNet, way: int, num_classes: Optional[int] = None):
+    def __init__(self, model: MultimodalNet, way: int, num_classes: Optional[int] = None,
+                 bn_stats: str = "task"):
         super().__init__()
-        self.model, self.way, self.num_classes = model, way, num_classes
+        if bn_stats not in BN_STATS:
+            raise ConfigError(f"algorithm.bn_stats={bn_stats}: must be one of {', '.join(BN_STATS)}")
+        self.model, self.way, self.num_classes, self.bn_stats = model, way, num_classes, bn_stats
+        if bn_stats == "task":
+            task_norms(model)
 
     def forward(self, episode: Episode) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def task_groups(self, tasks: int) -> ContextManager:
+        """Within the block the model's BatchNorm layers see batches of ``tasks`` task groups
+        (``bn_stats=task``; a no-op for ``batch``)."""
+        return task_groups(self.model, tasks) if self.bn_stats == "task" else contextlib.nullcontext()
+
     def embed(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
-        """Embed ``[*lead, ...]`` inputs of any leading shape in one call -> ``[*lead, D]``."""
+        """Embed ``[*lead, ...]`` inputs of any leading shape in one call -> ``[*lead, D]``; with
+        two or more leading dims the first is tasks (BatchNorm statistics per task, ``bn_stats``)."""
         lead = present.shape[:-1]
         flat = {m: x.reshape(-1, *x.shape[len(lead):]) for m, x in inputs.items()}
-        return self.model(flat, present.reshape(-1, present.shape[-1])).reshape(*lead, -1)
+        with self.task_groups(lead[0] if len(lead) > 1 else 1):
+            z = self.model(flat, present.reshape(-1, present.shape[-1]))
+        return z.reshape(*lead, -1)
 
     def embed_episode(self, episode: Episode) -> Tuple[torch.Tensor, torch.Tensor]:
         """Support and query of every task embedded in one call -> ``[T, N*K, D]``, ``[T, N*Q, D]`` (float)."""

@@ -1,8 +1,11 @@
 """The transfer baselines of Chen, Liu, Kira, Wang & Huang, "A Closer Look at Few-shot
-Classification" (ICLR 2019): Baseline (linear head) and Baseline++ (cosine head)."""
+Classification" (ICLR 2019): Baseline (linear head) and Baseline++ (cosine head).
+
+Reference code: github.com/wyharveychen/CloserLookFewShot (``methods/baselinetrain.py``,
+``methods/baselinefinetune.py``, ``backbone.py`` ``distLinear``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,51 +13,163 @@ from torch import nn
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms.base import MetaAlgorithm
+from metamm_cli.algorithms.functional import upcast
 
 HEADS = ("linear", "cosine")
+Head = Dict[str, torch.Tensor]
+
+
+def paper_scale(classes: int) -> float:
+    """distLinear's ``scale_factor``, from the head's own number of classes: 2 up to 200, else 10."""
+    return 2.0 if classes <= 200 else 10.0
 
 
 def head_logits(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], head: str,
-                scale: float) -> torch.Tensor:
+                scale: float, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[..., D]`` features, ``[..., C, D]`` weights -> ``[..., C]``: ``z W^T + b`` (linear) or
-    ``scale * cos(z, w_c)`` (cosine, Baseline++)."""
+    Baseline++'s distLinear, ``scale * <z / (||z|| + 1e-5), g_c v_c / ||v_c||>`` with ``weight``
+    the direction ``v`` and ``norm [..., C]`` the learned per-class norm ``g`` of
+    ``WeightNorm(dim=0)`` (None: 1, the plain cosine)."""
     if head == "cosine":
-        return scale * F.normalize(z, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
+        zn = z / (z.norm(dim=-1, keepdim=True) + 1e-5)
+        w = F.normalize(weight, dim=-1) if norm is None else weight * (norm / weight.norm(dim=-1))[..., None]
+        return scale * zn @ w.transpose(-1, -2)
     return z @ weight.transpose(-1, -2) + bias[..., None, :]
+
+
+class DistLinear(nn.Module):
+    """Baseline++'s head, the paper's ``distLinear``: ``nn.Linear(dim, classes, bias=False)`` under
+    ``WeightNorm(dim=0)``, i.e. ``weight_v [C, D]`` (nn.Linear's default initialisation) and
+    ``weight_g [C, 1]`` (initialised to each row's norm), applied to ``x / (||x|| + 1e-5)``, times
+    ``scale`` (null: :func:`paper_scale` of ``classes``)."""
+
+    def __init__(self, dim: int, classes: int, scale: Optional[float] = None):
+        super().__init__()
+        v = nn.Linear(dim, classes, bias=False).weight.detach()
+        self.weight_v = nn.Parameter(v.clone())
+        self.weight_g = nn.Parameter(v.norm(dim=1, keepdim=True))
+        self.scale = paper_scale(classes) if scale is None else scale
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return head_logits(z, upcast(self.weight_v), None, "cosine", self.scale,
+                           upcast(self.weight_g).squeeze(-1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight" in state_dict and prefix + "weight_v" not in state_dict:
+            # a checkpoint from before the learned norm: a plain cosine head, i.e. g = 1
+            w = state_dict.pop(prefix + "weight")
+            state_dict[prefix + "weight_v"], state_dict[prefix + "weight_g"] = w, w.new_ones(w.shape[0], 1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def init_head(tasks: int, way: int, dim: int, head: str, generator: torch.Generator,
+              dtype: torch.dtype, device) -> Head:
+    """A fresh test head per task, as a default-initialised ``nn.Linear(dim, way)``: weight and
+    bias uniform in ``±1/sqrt(dim)``; ``head=cosine``: distLinear, ``v`` that weight and
+    ``g = ||v_c||``, no bias. ``{name: [tasks, ...]}``."""
+    bound = dim ** -0.5
+
+    def uniform(*shape):
+        return (torch.rand(tasks, *shape, generator=generator, device=device, dtype=dtype) * 2 - 1) * bound
+    weight = uniform(way, dim)
+    if head == "cosine":
+        return {"weight_v": weight, "weight_g": weight.norm(dim=-1)}
+    return {"weight": weight, "bias": uniform(way)}
+
+
+def head_params_logits(params: Head, z: torch.Tensor, head: str, scale: float) -> torch.Tensor:
+    """Logits of the per-task heads of :func:`init_head`: ``z [T, n, D]`` -> ``[T, n, C]``."""
+    if head == "cosine":
+        return head_logits(z, params["weight_v"], None, "cosine", scale, params["weight_g"])
+    return head_logits(z, params["weight"], params["bias"], "linear", scale)
+
+
+def epoch_permutations(epochs: int, tasks: int, size: int, generator: torch.Generator, device) -> torch.Tensor:
+    """A new random order of each task's support set per epoch: ``[epochs, tasks, size]``."""
+    return torch.rand(epochs, tasks, size, generator=generator, device=device).argsort(-1)
+
+
+def fit_head(params: Head, zs: torch.Tensor, ys: torch.Tensor, perms: torch.Tensor, head: str,
+             scale: float, batch_size: int = 4, lr: float = 0.01, momentum: float = 0.9,
+             dampening: float = 0.9, weight_decay: float = 0.001) -> Head:
+    """The paper's fit of a test head on a task's support set ``zs [S, D]``, ``ys [S]``, for all
+    ``T`` tasks at once (``[T, ...]`` everywhere): for each epoch's order ``perms[e] [T, S]``,
+    minibatches ``order[:, i:i+batch_size]``, each task's mean cross-entropy over its minibatch,
+    one ``torch.optim.SGD(lr, momentum, dampening, weight_decay)`` step. SGD is elementwise, so
+    one optimizer over the stacked heads of the summed per-task losses is each task's own SGD."""
+    params = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
+    opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum, dampening=dampening,
+                          weight_decay=weight_decay)
+    S, D = zs.shape[1], zs.shape[2]
+    zs = zs.detach()
+    with torch.enable_grad():
+        for order in perms:
+            for i in range(0, S, batch_size):
+                idx = order[:, i:i + batch_size]  # [T, b]
+                zb = torch.gather(zs, 1, idx[..., None].expand(-1, -1, D))
+                logits = head_params_logits(params, zb, head, scale)
+                # sum over tasks of each task's minibatch mean: every task gets its own gradient
+                loss = F.cross_entropy(logits.flatten(0, 1), torch.gather(ys, 1, idx).flatten(),
+                                       reduction="sum") / idx.shape[1]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return {k: p.detach() for k, p in params.items()}
 
 
 class Finetune(MetaAlgorithm):
     """Training is ordinary classification over all ``num_classes`` classes of the training
     split (every support and query sample of the meta-batch, labelled with its global class id
-    from ``episode.classes``); the training logits reported are the base classifier's restricted
-    to the episode's classes. At validation/test time the body is frozen and a fresh head
-    (``head=linear``: Baseline, ``head=cosine``: Baseline++) is fitted on each task's support
-    embeddings with ``finetune_steps`` of SGD (``finetune_lr``, momentum, weight decay; the
-    paper's 100 steps at lr 0.01, here full-batch instead of batches of 4), all tasks at once.
-    Any way at test time."""
+    from ``episode.classes``), with the paper's heads: ``head=linear`` (Baseline) an
+    ``nn.Linear`` with a zero-initialised bias, ``head=cosine`` (Baseline++) :class:`DistLinear`;
+    the training logits reported are the base classifier's restricted to the episode's classes.
+
+    At validation/test time the body is frozen and a fresh head per task (a default-initialised
+    ``nn.Linear(D, way)`` or a ``DistLinear(D, way)`` with its own scale, 2 for <= 200 classes)
+    is fitted on the task's support embeddings exactly as the paper's code does
+    (:func:`fit_head`: ``finetune_epochs`` epochs of a new random order, minibatches of
+    ``batch_size``, SGD with ``finetune_lr``, ``momentum``, ``dampening``, ``weight_decay``), all
+    tasks of the meta-batch at once; the head's initialisation and the orders come from a
+    generator seeded afresh on every call (reproducible evaluation). Any way at test time.
+
+    Departures from the paper: the features are the fused multimodal embedding of the whole
+    network in eval mode (the paper: the backbone's pooled features, saved once in eval mode);
+    the base classes are seen through the meta-batch's episodes (class-balanced support and
+    query sets) instead of shuffled minibatches of 16 with data augmentation; the trainer's
+    optimizer (Adam) trains the body and the base head; BatchNorm uses the whole meta-batch's
+    statistics while training (ordinary batches, as in the paper)."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, head: str = "linear",
-                 scale: Optional[float] = None, finetune_steps: int = 100, finetune_lr: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 0.001):
-        super().__init__(model, way, num_classes)
+                 scale: Optional[float] = None, finetune_epochs: int = 100, batch_size: int = 4,
+                 finetune_lr: float = 0.01, momentum: float = 0.9, dampening: float = 0.9,
+                 weight_decay: float = 0.001):
+        super().__init__(model, way, num_classes, bn_stats="batch")
         if head not in HEADS:
             raise ConfigError(f"algorithm.head={head}: must be one of {', '.join(HEADS)}")
-        if finetune_steps < 1:
-            raise ConfigError(f"algorithm.finetune_steps={finetune_steps} is out of range: must be >= 1")
+        if finetune_epochs < 1:
+            raise ConfigError(f"algorithm.finetune_epochs={finetune_epochs} is out of range: must be >= 1")
+        if batch_size < 1:
+            raise ConfigError(f"algorithm.batch_size={batch_size} is out of range: must be >= 1")
         if not finetune_lr > 0:
             raise ConfigError(f"algorithm.finetune_lr={finetune_lr} is out of range: must be > 0")
-        if not 0 <= momentum < 1 or weight_decay < 0:
-            raise ConfigError(f"algorithm.momentum={momentum} must be in [0, 1) and "
-                              f"algorithm.weight_decay={weight_decay} >= 0")
+        if not 0 <= momentum < 1 or not 0 <= dampening <= 1 or weight_decay < 0:
+            raise ConfigError(f"algorithm.momentum={momentum} must be in [0, 1), algorithm.dampening="
+                              f"{dampening} in [0, 1] and algorithm.weight_decay={weight_decay} >= 0")
         if scale is not None and not scale > 0:
             raise ConfigError(f"algorithm.scale={scale} is out of range: must be null or > 0")
         if not num_classes:
             raise ConfigError("algorithm=finetune needs the number of training classes "
                               "(build it with metamm_cli.algorithms.build_algorithm)")
-        self.head, self.steps, self.lr = head, finetune_steps, finetune_lr
-        self.momentum, self.weight_decay = momentum, weight_decay
-        self.scale = scale if scale is not None else (2.0 if num_classes <= 200 else 10.0)  # paper's code
-        self.classifier = nn.Linear(model.out_dim, num_classes, bias=head == "linear")
+        self.head, self.scale, self.epochs, self.batch_size = head, scale, finetune_epochs, batch_size
+        self.sgd = dict(lr=finetune_lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+        if head == "cosine":
+            self.classifier = DistLinear(model.out_dim, num_classes, scale)
+        else:
+            self.classifier = nn.Linear(model.out_dim, num_classes)
+            nn.init.zeros_(self.classifier.bias)  # baselinetrain.py: bias.data.fill_(0)
+
+    def test_scale(self, way: int) -> float:
+        return paper_scale(way) if self.scale is None else self.scale
 
     def forward(self, episode):
         zs, zq = self.embed_episode(episode)
@@ -62,35 +177,20 @@ class Finetune(MetaAlgorithm):
             z = torch.cat([zs, zq], 1)
             labels = torch.cat([episode.support_labels, episode.query_labels], 1)
             glob = torch.gather(episode.classes, 1, labels)  # global class ids
-            logits = head_logits(z, self.classifier.weight.float(), None if self.classifier.bias is None
-                                 else self.classifier.bias.float(), self.head, self.scale)
+            logits = upcast(self.classifier(z))
             index = episode.classes[:, None].expand(-1, zq.shape[1], -1)
             return self.loss(logits, glob), torch.gather(logits[:, zs.shape[1]:], 2, index)
-        weight, bias = self.finetune(zs.detach(), episode.support_labels, episode.way)
-        logits = head_logits(zq.float(), weight, bias, self.head, self.scale)
+        params = self.finetune(zs, episode.support_labels, episode.way)
+        with torch.autocast(zq.device.type, enabled=False):
+            logits = head_params_logits(params, upcast(zq), self.head, self.test_scale(episode.way))
         return self.loss(logits, episode.query_labels), logits
 
-    def finetune(self, zs: torch.Tensor, ys: torch.Tensor, way: int):
-        """A fresh head per task, fitted on the support embeddings ``[T, S, D]``; all tasks at once."""
+    def finetune(self, zs: torch.Tensor, ys: torch.Tensor, way: int) -> Head:
+        """A fresh head per task fitted on the support embeddings ``[T, S, D]``, all tasks at once."""
         T, S, D = zs.shape
+        zs = upcast(zs.detach())
         g = torch.Generator(device=zs.device).manual_seed(0)
-        bound = 1 / D ** 0.5  # nn.Linear's initialisation
-        weight = (torch.rand(T, way, D, generator=g, device=zs.device) * 2 - 1) * bound
-        bias = torch.zeros(T, way, device=zs.device)
-        params = [weight.requires_grad_(), bias.requires_grad_()]
-        velocity = [torch.zeros_like(p) for p in params]
-        device_type = zs.device.type
-        with torch.enable_grad(), torch.autocast(device_type, enabled=False):
-            for _ in range(self.steps):
-                logits = head_logits(zs.float(), weight, bias if self.head == "linear" else None,
-                                     self.head, self.scale)
-                # sum over tasks of each task's mean loss: every task gets its own gradient
-                loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="sum") / S
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                with torch.no_grad():
-                    for p, v, gr in zip(params, velocity, grads):
-                        if gr is None:
-                            continue
-                        v.mul_(self.momentum).add_(gr + self.weight_decay * p)
-                        p.sub_(self.lr * v)
-        return weight.detach(), bias.detach()
+        params = init_head(T, way, D, self.head, g, zs.dtype, zs.device)
+        perms = epoch_permutations(self.epochs, T, S, g, zs.device)
+        with torch.autocast(zs.device.type, enabled=False):
+            return fit_head(params, zs, ys, perms, self.head, self.test_scale(way), self.batch_size, **self.sgd)

@@ -12,12 +12,19 @@
   (tests/test_algorithm_gradients.py checks every shipped encoder and fusion). The parameters are
   kept (same objects, same state-dict keys); BatchNorm's running-statistics buffers are dropped,
   because a task always normalises with the statistics of its own batch (as in MAML).
+* :func:`task_norms` / :func:`task_groups`: the metric algorithms embed every task of a meta-batch
+  in one call; with ``bn_stats=task`` their BatchNorm layers (:class:`TaskBatchNorm2d` etc., same
+  state-dict keys) normalise each task's samples with that task's own batch statistics while
+  training and update the running statistics as if the tasks had been embedded one after another
+  (:func:`sequential_running_stats`), as the papers train: one episode per forward.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+import contextlib
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
@@ -209,3 +216,117 @@ def functional_norms(module: nn.Module) -> nn.Module:
             functional_norms(child)
     return module
 
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm with per-task statistics (metric algorithms, ``bn_stats=task``)
+
+BN_STATS = ("task", "batch")
+
+
+def sequential_running_stats(running: torch.Tensor, stats: torch.Tensor, momentum: Optional[float],
+                             tracked: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+    """``running [C]`` after one update per row of ``stats [G, C]``, in order, by BatchNorm's rule
+    ``r <- (1 - m) r + m s_g`` (closed form: ``(1-m)^G r + sum_g m (1-m)^(G-1-g) s_g``); with
+    ``momentum=None`` the cumulative average over ``tracked`` earlier batches and these ``G``."""
+    G = stats.shape[0]
+    if momentum is None:
+        return (tracked * running + stats.sum(0)) / (tracked + G)
+    power = torch.arange(G - 1, -1, -1, device=stats.device, dtype=stats.dtype)
+    weights = momentum * (1 - momentum) ** power  # [G]
+    return (1 - momentum) ** G * running + (weights[:, None] * stats).sum(0)
+
+
+class _TaskGroups:
+    """Mixin for ``nn.BatchNorm*d``: when ``groups > 1`` and batch statistics are used (training,
+    or no running statistics), the batch ``[G*B, C, *]`` is ``G`` tasks of ``B`` samples, each
+    normalised over its own ``B`` samples; the running statistics take ``G`` sequential updates.
+    ``groups == 1`` (the default, and eval mode with running statistics): ``nn.BatchNorm*d``.
+    ``one_call``: all groups in one native call on a ``[B, G*C, *]`` view (two transposing
+    copies; fewer kernels, for GPUs) instead of one call per contiguous task slice (faster on
+    CPU); None: the slices on CPU. Both give the same values."""
+
+    groups = 1
+    one_call: Optional[bool] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        G = self.groups
+        batch_stats = self.training or self.running_mean is None
+        if G == 1 or not batch_stats:
+            return super().forward(x)
+        self._check_input_dim(x)
+        if x.shape[0] % G:
+            raise ValueError(f"{type(self).__name__}: a batch of {x.shape[0]} is not {G} equal task groups")
+        B, C, rest = x.shape[0] // G, x.shape[1], x.shape[2:]
+        track = self.training and self.track_running_stats
+        one_call = self.one_call if self.one_call is not None else x.device.type != "cpu"
+        # momentum 1: these [G, C] buffers come back holding each group's batch statistics
+        mean = self.running_mean.new_zeros(G, C) if track else None
+        var = self.running_var.new_zeros(G, C) if track else None
+        if one_call:  # [G*B, C, *] -> [B, G*C, *]: one (task, channel) pair per channel
+            xg = x.reshape(G, B, C, *rest).transpose(0, 1).reshape(B, G * C, *rest)
+            weight = None if self.weight is None else self.weight.repeat(G)
+            bias = None if self.bias is None else self.bias.repeat(G)
+            y = F.batch_norm(xg, mean.view(-1) if track else None, var.view(-1) if track else None,
+                             weight, bias, True, 1.0, self.eps)
+            y = y.reshape(B, G, C, *rest).transpose(0, 1).reshape(x.shape)
+        else:  # the task slices are contiguous: one call each
+            y = torch.cat([F.batch_norm(xs, mean[g] if track else None, var[g] if track else None,
+                                        self.weight, self.bias, True, 1.0, self.eps)
+                           for g, xs in enumerate(x.split(B))])
+        if track:
+            with torch.no_grad():
+                tracked = self.num_batches_tracked if self.momentum is None else 0  # no host sync
+                self.running_mean.copy_(sequential_running_stats(self.running_mean, mean, self.momentum, tracked))
+                self.running_var.copy_(sequential_running_stats(self.running_var, var, self.momentum, tracked))
+                self.num_batches_tracked.add_(G)
+        return y
+
+
+class TaskBatchNorm1d(_TaskGroups, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with per-task batch statistics (see :class:`_TaskGroups`)."""
+
+
+class TaskBatchNorm2d(_TaskGroups, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with per-task batch statistics (see :class:`_TaskGroups`)."""
+
+
+class TaskBatchNorm3d(_TaskGroups, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with per-task batch statistics (see :class:`_TaskGroups`)."""
+
+
+_TASK_SWAPS = {nn.BatchNorm1d: TaskBatchNorm1d, nn.BatchNorm2d: TaskBatchNorm2d,
+               nn.BatchNorm3d: TaskBatchNorm3d}
+
+
+def task_norms(module: nn.Module) -> nn.Module:
+    """Swap every ``nn.BatchNorm1d/2d/3d`` inside ``module`` (in place) for its per-task
+    :class:`TaskBatchNorm2d` etc., keeping the same Parameter and buffer objects (same state-dict
+    keys); returns ``module``. Other BatchNorm subclasses (SyncBatchNorm, lazy) are refused."""
+    for name, child in module.named_children():
+        if isinstance(child, _TaskGroups):
+            continue
+        if type(child) in _TASK_SWAPS:
+            new = _TASK_SWAPS[type(child)].__new__(_TASK_SWAPS[type(child)])
+            new.__dict__.update(child.__dict__)  # the same parameters, buffers, hooks and flags
+            setattr(module, name, new)
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(f"algorithm.bn_stats=task: {type(child).__name__} is not supported "
+                              f"(BatchNorm1d/2d/3d are); set algorithm.bn_stats=batch")
+        else:
+            task_norms(child)
+    return module
+
+
+@contextlib.contextmanager
+def task_groups(module: nn.Module, groups: int) -> Iterator[None]:
+    """Within the block, every :class:`TaskBatchNorm2d` etc. in ``module`` treats its batch as
+    ``groups`` equal, contiguous task groups (the flattened ``[T, n, ...]`` of an episode)."""
+    norms = [m for m in module.modules() if isinstance(m, _TaskGroups)]
+    previous = [m.groups for m in norms]
+    for m in norms:
+        m.groups = groups
+    try:
+        yield
+    finally:
+        for m, g in zip(norms, previous):
+            m.groups = g

@@ -11,6 +11,7 @@ from torch import nn
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms.base import MetaAlgorithm
+from metamm_cli.algorithms.functional import upcast
 
 
 def node_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -71,8 +72,8 @@ class GNN(MetaAlgorithm):
     fixed by training."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, layers: int = 2,
-                 hidden: int = 48, edge_hidden: int = 64):
-        super().__init__(model, way, num_classes)
+                 hidden: int = 48, edge_hidden: int = 64, bn_stats: str = "task"):
+        super().__init__(model, way, num_classes, bn_stats)
         if layers < 1 or hidden < 1 or edge_hidden < 1:
             raise ConfigError(f"algorithm.layers={layers}, hidden={hidden}, edge_hidden={edge_hidden}: "
                               f"each must be >= 1")
@@ -93,7 +94,7 @@ class GNN(MetaAlgorithm):
         x = graph_nodes(node_norm(zs) * scale, episode.support_labels, node_norm(zq) * scale, episode.way)
         for edge, conv in zip(self.edges, self.convs):
             x = torch.cat([x, F.leaky_relu(node_norm(conv(x, edge(x))), 0.01)], -1)
-        logits = self.out_conv(x, self.out_edges(x))[..., -1, :].float()  # the query node: [T, Q, N]
+        logits = upcast(self.out_conv(x, self.out_edges(x))[..., -1, :])  # the query node: [T, Q, N]
         return self.loss(logits, episode.query_labels), logits
 
 

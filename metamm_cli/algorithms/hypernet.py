@@ -12,6 +12,7 @@ from torch import nn
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms.base import MetaAlgorithm
+from metamm_cli.algorithms.functional import upcast
 from metamm_cli.algorithms.protonet import cosine_similarity, prototypes
 
 
@@ -23,8 +24,8 @@ class HyperNet(MetaAlgorithm):
     learned temperature. No inner gradient steps; any way at test time."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, hidden: int = 128,
-                 temperature: float = 10.0):
-        super().__init__(model, way, num_classes)
+                 temperature: float = 10.0, bn_stats: str = "task"):
+        super().__init__(model, way, num_classes, bn_stats)
         if hidden < 1 or not temperature > 0:
             raise ConfigError(f"algorithm.hidden={hidden} must be >= 1 and algorithm.temperature="
                               f"{temperature} > 0")
@@ -41,5 +42,5 @@ class HyperNet(MetaAlgorithm):
     def forward(self, episode):
         zs, zq = self.embed_episode(episode)
         weights = self.classifier(zs, episode.support_labels, episode.way)
-        logits = (self.log_temperature.exp() * cosine_similarity(zq, weights)).float()
+        logits = upcast(self.log_temperature.exp() * cosine_similarity(zq, weights))
         return self.loss(logits, episode.query_labels), logits

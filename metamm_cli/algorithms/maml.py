@@ -18,8 +18,6 @@ from metamm_cli.algorithms.base import MetaAlgorithm
 from metamm_cli.algorithms.functional import (BatchStatNorm, Params, check_execution,  # noqa: F401
                                               functional_norms, run_tasks, sgd_adapt, upcast)
 
-use_batch_statistics = functional_norms  # the former name (BatchNorm only); now every norm layer
-
 
 class Classifier(nn.Module):
     def __init__(self, model: nn.Module, head: nn.Module):
@@ -133,6 +131,3 @@ def meta_loss_loop(algo: MAML, episode) -> torch.Tensor:
         logits = upcast(functional_call(algo.net, {**shared, **fast}, (qx, episode.query_present[t])))
         losses.append(F.cross_entropy(logits, episode.query_labels[t]))
     return torch.stack(losses).mean()
-
-
-maml_loss_loop = meta_loss_loop  # the former name

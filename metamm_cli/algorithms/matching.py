@@ -9,6 +9,7 @@ from torch import nn
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms.base import MetaAlgorithm
+from metamm_cli.algorithms.functional import upcast
 from metamm_cli.algorithms.protonet import cosine_similarity
 
 
@@ -51,8 +52,8 @@ class MatchingNet(MetaAlgorithm):
     ``scale`` multiplies the cosine before the softmax (1 in the paper). Any way at test time."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, fce: bool = False,
-                 fce_steps: int = 5, scale: float = 1.0):
-        super().__init__(model, way, num_classes)
+                 fce_steps: int = 5, scale: float = 1.0, bn_stats: str = "task"):
+        super().__init__(model, way, num_classes, bn_stats)
         if fce_steps < 1:
             raise ConfigError(f"algorithm.fce_steps={fce_steps} is out of range: must be >= 1")
         if not scale > 0:
@@ -64,5 +65,5 @@ class MatchingNet(MetaAlgorithm):
         zs, zq = self.embed_episode(episode)
         if self.fce is not None:
             zs, zq = self.fce(zs, zq)
-        logits = matching_log_probs(zs.float(), episode.support_labels, zq.float(), episode.way, self.scale)
+        logits = matching_log_probs(upcast(zs), episode.support_labels, upcast(zq), episode.way, self.scale)
         return F.nll_loss(logits.flatten(0, 1), episode.query_labels.flatten()), logits

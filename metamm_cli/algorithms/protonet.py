@@ -50,8 +50,8 @@ class ProtoNet(MetaAlgorithm):
     prototype_fusion = True  # prototype-level fusions (am3, late) build the logits from scores()
 
     def __init__(self, model, way, num_classes: Optional[int] = None,
-                 distance: str = "sq_euclidean", temperature: float = 10.0):
-        super().__init__(model, way, num_classes)
+                 distance: str = "sq_euclidean", temperature: float = 10.0, bn_stats: str = "task"):
+        super().__init__(model, way, num_classes, bn_stats)
         if distance not in DISTANCES:
             raise ConfigError(f"algorithm.distance={distance}: must be one of {', '.join(DISTANCES)}")
         if not temperature > 0:
@@ -68,7 +68,8 @@ class ProtoNet(MetaAlgorithm):
 
     def forward(self, episode):
         if getattr(self.model.fusion, "level", "sample") == "prototype":  # am3, late: the fusion mixes prototypes/scores
-            logits = self.model.fusion.episode_logits(self.model, episode, self.scores)
+            with self.task_groups(episode.num_tasks):  # it embeds [T, S+Q] in one call
+                logits = self.model.fusion.episode_logits(self.model, episode, self.scores)
             return self.loss(logits, episode.query_labels), logits
         zs, zq = self.embed_episode(episode)
         logits = self.scores(zq, prototypes(zs, episode.support_labels, episode.way))

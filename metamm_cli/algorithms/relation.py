@@ -9,6 +9,7 @@ from torch import nn
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms.base import MetaAlgorithm
+from metamm_cli.algorithms.functional import upcast
 
 
 def class_sums(zs: torch.Tensor, ys: torch.Tensor, way: int) -> torch.Tensor:
@@ -30,8 +31,8 @@ class RelationNet(MetaAlgorithm):
     fusion's output), so the module is an MLP (the paper: two conv blocks then FC 8 -> 1)."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, hidden: int = 8,
-                 loss: str = "mse"):
-        super().__init__(model, way, num_classes)
+                 loss: str = "mse", bn_stats: str = "task"):
+        super().__init__(model, way, num_classes, bn_stats)
         if loss not in ("mse", "ce"):
             raise ConfigError(f"algorithm.loss={loss}: must be mse or ce")
         if hidden < 1:
@@ -46,7 +47,7 @@ class RelationNet(MetaAlgorithm):
     def forward(self, episode):
         zs, zq = self.embed_episode(episode)
         pairs = relation_pairs(zq, class_sums(zs, episode.support_labels, episode.way))
-        scores = self.relation(pairs).squeeze(-1).float()  # [T, Q, N]
+        scores = upcast(self.relation(pairs).squeeze(-1))  # [T, Q, N]
         if self.loss_kind == "ce":
             return self.loss(scores, episode.query_labels), scores
         scores = scores.sigmoid()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamm_cli.algorithms.base import MetaAlgorithm
+from metamm_cli.algorithms.functional import upcast
 
 
 def weighted_l1(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -25,14 +26,14 @@ class Siamese(MetaAlgorithm):
     K > 1 shots, a class scores the maximum over its supports (the one-shot rule applied to
     every shot). Any way at test time."""
 
-    def __init__(self, model, way, num_classes: Optional[int] = None):
-        super().__init__(model, way, num_classes)
+    def __init__(self, model, way, num_classes: Optional[int] = None, bn_stats: str = "task"):
+        super().__init__(model, way, num_classes, bn_stats)
         self.alpha = nn.Parameter(torch.full((model.out_dim,), -1.0 / model.out_dim))
         self.bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, episode):
         zs, zq = self.embed_episode(episode)
-        scores = weighted_l1(zq.float(), zs.float(), self.alpha.float(), self.bias.float())  # [T, Q, S]
+        scores = weighted_l1(upcast(zq), upcast(zs), upcast(self.alpha), upcast(self.bias))  # [T, Q, S]
         same = episode.query_labels[:, :, None] == episode.support_labels[:, None, :]
         bce = F.binary_cross_entropy_with_logits(scores, same.to(scores.dtype), reduction="none")
         pos = same.to(bce.dtype)  # masked means: no host sync
