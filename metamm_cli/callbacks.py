@@ -1,50 +1,72 @@
-"""Hydra callback: at the end of a sweep, one table of every job and of every setting over seeds."""
+"""Hydra callback: at the end of a sweep, the table of its runs (metamm compare's) in
+``summary.md`` / ``summary.json``, and which jobs failed (the command then exits non-zero)."""
 from __future__ import annotations
 
 import json
 import logging
-import statistics
+import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from metamm_cli import ConfigError
 
 log = logging.getLogger("metamm")
+LAST_SWEEP: Dict[str, Any] = {}  # the sweep that just ended: its folder, runs and failed jobs
+FAILURES = "failed.jsonl"  # in the sweep folder: one line per failed job (any process, any launcher)
+
+
+def record_failure(job_dir: Path, message: str) -> None:
+    """A sweep job failed: a line in the sweep's failed.jsonl, and the job's own failed.json
+    unless its folder holds another run's results (a refused re-run leaves them alone)."""
+    from metamm_cli.record import write_json
+    from metamm_cli.resume import holds_a_run
+
+    job_dir = Path(job_dir)
+    line = json.dumps({"job": job_dir.name, "error": message, "time": time.time()}) + "\n"
+    with open(job_dir.parent / FAILURES, "a") as f:  # one short write: appends do not interleave
+        f.write(line)
+    if not holds_a_run(job_dir):
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_json(job_dir / "failed.json", {"error": message})
+
+
+def failures_since(sweep_dir: Path, since: float) -> list:
+    try:
+        lines = (Path(sweep_dir) / FAILURES).read_text().splitlines()
+    except OSError:
+        return []
+    return [e["job"] for e in map(json.loads, lines) if e.get("time", 0) >= since]
 
 
 def summarize_sweep(sweep_dir: Path) -> Dict[str, Any]:
-    """Read each job's ``metrics.json`` and ``.hydra/overrides.yaml`` under ``sweep_dir``; group
-    jobs that differ only in ``seed``; write ``summary.json`` and ``summary.md`` there."""
-    jobs: List[Dict[str, Any]] = []
-    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
-        job = metrics_file.parent
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
-        metrics = json.loads(metrics_file.read_text())
-        jobs.append({"job": job.name, "overrides": list(overrides), **{
-            k: metrics.get(k) for k in ("val_acc", "val_acc_ci95", "best_val_acc", "step", "episodes_per_s")}})
-    groups: Dict[str, List[float]] = {}
-    for job in jobs:
-        key = " ".join(o for o in job["overrides"] if not o.lstrip("+").startswith("seed=")) or "(defaults)"
-        groups.setdefault(key, []).append(job["val_acc"])
-    settings = [{"setting": k, "runs": len(v), "val_acc_mean": statistics.mean(v),
-                 "val_acc_std": statistics.stdev(v) if len(v) > 1 else 0.0} for k, v in groups.items()]
-    settings.sort(key=lambda s: -s["val_acc_mean"])
-    lines = ["| setting | runs | val acc (mean ± std over seeds) |", "|---|---|---|"]
-    lines += [f"| {s['setting']} | {s['runs']} | {s['val_acc_mean']:.2f} ± {s['val_acc_std']:.2f} |"
-              for s in settings]
-    summary = {"sweep_dir": str(sweep_dir), "settings": settings, "jobs": jobs, "table": lines}
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    return summary
+    """Write ``summary.md`` and ``summary.json`` (metamm compare's table of the sweep's runs)."""
+    from metamm_cli.compare import find_runs, legend, load_run, render, table
+
+    try:
+        runs = [load_run(f) for f in find_runs([sweep_dir])]
+    except ConfigError:  # no job got as far as a run folder
+        return {"runs": [], "table": ""}
+    rows = table(runs)
+    md = render(rows, "md") + "\n\n" + legend(rows) + "\n"
+    (sweep_dir / "summary.md").write_text(md)
+    (sweep_dir / "summary.json").write_text(render(rows, "json") + "\n")
+    return {"runs": runs, "table": md}
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             return
         summary = summarize_sweep(sweep_dir)
-        if summary["jobs"]:
-            log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", "\n".join(summary["table"]))
+        LAST_SWEEP.clear()
+        LAST_SWEEP.update(summary, dir=sweep_dir,
+                          failed=failures_since(sweep_dir, getattr(self, "started", 0.0)))
+        if summary["runs"]:
+            log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", summary["table"])

@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 USAGE = """usage: metamm <command> [options] [key=value ...]
 
@@ -17,6 +17,7 @@ commands:
   train   train a meta-learner        metamm train [+exp=NAME] [-m] [key=value ...]
   eval    evaluate a checkpoint       metamm eval --ckpt PATH [key=value ...]
   data    show what a dataset yields  metamm data [dataset=NAME] [key=value ...]
+  compare compare runs in one table   metamm compare PATH... [--eval] [--sort METRIC] [--plot FILE.png]
 
 `metamm train --help` shows Hydra's help with the config groups and their options;
 `metamm train --cfg job` prints the composed config. Outputs go to outputs/.
@@ -56,32 +57,51 @@ def _hydra_app(config_name: str, task: Callable, argv: List[str], prog: str) -> 
 
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from metamm_cli.config import config_dir, register_schemas
+    from metamm_cli.distributed import world
 
     @functools.wraps(task)
     def guarded(cfg):
+        out = Path(HydraConfig.get().runtime.output_dir)
+        sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             return task(cfg)
-        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported here, before Hydra adds its own lines
-            _remove_failed_start(Path(HydraConfig.get().runtime.output_dir))
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM before training: nothing half-made stays
+            if world().main:
+                _remove_failed_start(out)
             if _SHOW_TRACEBACK:
                 raise
-            if isinstance(exc, KeyboardInterrupt):
-                from metamm_cli.signals import exit_code
-                print(f"{prog}: interrupted during start-up; nothing was saved", file=sys.stderr)
-                raise SystemExit(exit_code(exc))
-            raise SystemExit(_report(prog, exc))
+            from metamm_cli.signals import exit_code
+            print(f"{prog}: interrupted during start-up; nothing was saved", file=sys.stderr)
+            raise SystemExit(exit_code(exc))
+        except Exception as exc:  # noqa: BLE001 - reported here, before Hydra adds its own lines
+            if _SHOW_TRACEBACK:
+                raise
+            if not sweep:
+                w = world()
+                if w.main:
+                    _remove_failed_start(out)
+                raise SystemExit(_report(prog if w.main else f"{prog} (rank {w.rank})", exc))
+            # a sweep job: said in one line and recorded in its folder; the other jobs go on
+            from metamm_cli.callbacks import record_failure
+            message = one_line(exc)
+            print(f"{prog}: job {out.name}: error: {message}", file=sys.stderr)
+            record_failure(out, message)
+            return {"status": "failed", "error": message}
 
     register_schemas()
     sys.argv = [prog] + argv
     hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(guarded)()
 
 
-def _train_task(cfg, ckpt=None) -> Optional[float]:
+def _train_task(cfg, ckpt=None) -> Dict:
+    """A job's result: its metrics with a ``status`` (finished, or pruned by a search)."""
     from metamm_cli.train import train
 
-    return train(cfg, ckpt=ckpt).get("val_acc")
+    metrics = train(cfg, ckpt=ckpt)
+    return {"status": "finished", **metrics}
 
 
 def _eval_task(cfg, state=None) -> Optional[float]:
@@ -133,21 +153,23 @@ _INFO_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resol
 
 
 def _resume_args(argv: List[str]):
-    """For ``trainer.resume=...`` (one run): load the checkpoint before Hydra makes a folder and
-    send the run back into its own folder. Returns (extra overrides, checkpoint)."""
+    """For ``trainer.resume=...``: load the checkpoint before Hydra makes a folder and send the
+    run back into its own folder; with ``-m``, send the sweep back into its sweep folder (each
+    job then skips itself when finished, resumes from its last.pt when stopped). Returns (extra
+    overrides, checkpoint)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from metamm_cli import ConfigError
     from metamm_cli.claim import claim
     from metamm_cli.config import config_dir, register_schemas
-    from metamm_cli.resume import resume_state, run_dir_of
+    from metamm_cli.resume import find_sweep, hydra_quote, resume_state, run_dir_of
 
     given = [a for a in argv if a.lstrip("+").startswith("trainer.resume=")]
     if not given or given[-1].split("=", 1)[1] in ("", "null", "false", "False") or \
             any(a in _INFO_FLAGS for a in argv):
         return [], None
-    if any(a in ("-m", "--multirun") for a in argv):
-        raise ConfigError("trainer.resume continues one run: drop -m/--multirun")
+    value = given[-1].split("=", 1)[1]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
@@ -156,25 +178,80 @@ def _resume_args(argv: List[str]):
             skip = True
         elif not arg.startswith("-"):
             overrides.append(arg)
+    if multirun:  # the sweep's own values (a,b,c) are not one config: where it lives is enough
+        overrides = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+                     if not o.is_sweep_override()]
     user_dir = _option(argv, "--config-dir", "-cd")
     if user_dir:
         overrides.append(f"hydra.searchpath=[file://{Path(user_dir).resolve()}]")
     register_schemas()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    if multirun:
+        sweep = find_sweep(value, Path(cfg.output_root) / cfg.task_name)
+        return [f"hydra.sweep.dir={hydra_quote(sweep.resolve())}"], None
     ckpt = resume_state(cfg)
     run = run_dir_of(Path(ckpt["path"]))
     if run is None:  # a loose checkpoint file: the run continues in a new folder
         return [], ckpt
-    claim(run, f"trainer.resume={given[-1].split('=', 1)[1]}")  # before any work: a second resume is refused
-    quoted = "'" + str(run.resolve()).replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return [f"hydra.run.dir={quoted}", "hydra.output_subdir=null"], ckpt
+    claim(run, f"trainer.resume={value}")  # before any work: a second resume is refused
+    return [f"hydra.run.dir={hydra_quote(run.resolve())}", "hydra.output_subdir=null"], ckpt
+
+
+def _distributed_args(argv: List[str]):
+    """Under torchrun: rank 0 picks the run folder (a new one, or the resumed run's) and every
+    rank uses it; ranks > 0 log to ``train_rank<r>.log`` there and print only warnings."""
+    import time
+
+    from metamm_cli import ConfigError
+    from metamm_cli.checkpoint import load_checkpoint
+    from metamm_cli.distributed import broadcast, world
+    from metamm_cli.resume import RESUMABLE
+
+    w = world()
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise ConfigError("torchrun trains one run over several processes: drop -m (a sweep of "
+                          "distributed jobs: hydra/launcher=submitit_slurm hydra.launcher.tasks_per_node=N)")
+    picked = None
+    if w.main:
+        try:
+            extra, ckpt = _resume_args(argv)
+            if not extra and ckpt is None and not any(a.startswith("hydra.run.dir=") for a in argv):
+                stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{int(time.time() * 1e6) % 1000000:06d}"
+                extra = [f"hydra.run.dir=${{output_root}}/${{task_name}}/runs/{stamp}"]
+            picked = {"extra": extra, "ckpt": ckpt["path"] if ckpt else None}
+        except Exception as e:  # noqa: BLE001 - every rank must hear it, or they wait forever
+            picked = {"error": one_line(e)}
+            broadcast(picked, w)
+            raise
+    picked = broadcast(picked, w)
+    if "error" in picked:
+        raise ConfigError(f"rank 0: {picked['error']}")
+    ckpt = load_checkpoint(picked["ckpt"], key="trainer.resume", versions=RESUMABLE) if picked["ckpt"] else None
+    extra = list(picked["extra"])
+    if not w.main:
+        extra += ["hydra.output_subdir=null", f"hydra.job.name=train_rank{w.rank}",
+                  "hydra.job_logging.root.level=WARNING"]
+    return extra, ckpt
 
 
 def cmd_train(argv: List[str]) -> int:
+    from metamm_cli.callbacks import LAST_SWEEP
+    from metamm_cli.distributed import world
+    from metamm_cli.launch import check_plugins, register_plugins
+
     check_yaml(_option(argv, "--config-dir", "-cd"))
-    extra, ckpt = _resume_args(argv)
+    check_plugins(argv)
+    register_plugins()
+    extra, ckpt = _distributed_args(argv) if world().distributed else _resume_args(argv)
+    LAST_SWEEP.clear()
     _hydra_app("train", lambda cfg: _train_task(cfg, ckpt), argv + extra, "metamm train")
+    failed = LAST_SWEEP.get("failed")
+    if failed:  # each job already said why, in one line
+        print(f"metamm train: {len(failed)} of {max(len(LAST_SWEEP['runs']), len(failed))} sweep jobs failed "
+              f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); see {LAST_SWEEP['dir']}/summary.md",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -273,7 +350,13 @@ def cmd_data(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
+def cmd_compare(argv: List[str]) -> int:
+    from metamm_cli.compare import main as compare_main
+
+    return compare_main(argv)  # its own argparse help: metamm compare --help
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "compare": cmd_compare}
 
 
 def one_line(exc: BaseException) -> str:

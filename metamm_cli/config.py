@@ -17,12 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from metamm_cli import ConfigError
 
 
-class Device(enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 class Amp(enum.Enum):
     none = "none"
     bf16 = "bf16"
@@ -42,6 +36,12 @@ class OnNan(enum.Enum):
 class Scheduler(enum.Enum):
     none = "none"
     cosine = "cosine"
+    step = "step"
+
+
+class Optimizer(enum.Enum):
+    adam = "adam"
+    sgd = "sgd"
 
 
 class Split(enum.Enum):
@@ -61,7 +61,7 @@ class EpisodeConfig:
 
 @dataclass
 class TrainerConfig:
-    device: Device = Device.auto
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by device.resolve_device)
     amp: Amp = Amp.none
     max_steps: int = 1000
     meta_batch: int = 4
@@ -76,11 +76,17 @@ class TrainerConfig:
     keep_last: int = 0  # step_XXXXXXXX.pt checkpoints kept besides last.pt/best.pt
     on_nan: OnNan = OnNan.stop  # non-finite loss/gradient: stop, or skip the update
     scheduler: Scheduler = Scheduler.none
+    step_size: int = 2000  # scheduler=step: steps between learning-rate drops ...
+    gamma: float = 0.5  # ... each multiplying it by gamma
+    optimizer: Optimizer = Optimizer.adam
+    momentum: float = 0.0  # optimizer=sgd
+    patience: Optional[int] = None  # stop after this many validations without a new best (null: never)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume
     resume: Any = None  # null | true (latest run of this task) | path to a .pt or run folder
     progress: bool = True
     tensorboard: bool = True
     threads: Optional[int] = None  # torch CPU threads; null: auto (device.auto_threads)
+    test: bool = False  # at the end, best.pt on the test split -> RUN/eval.json (as metamm eval)
 
 
 @dataclass
@@ -111,6 +117,12 @@ class AlignConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Set by the Optuna sweeper on each job of a search: the Optuna trial id it reports to."""
+    trial: Optional[int] = None
+
+
+@dataclass
 class PresetConfig:
     """Set by a dataset-specific ``+exp`` preset: its name and the datasets it fits."""
     name: str = ""
@@ -133,6 +145,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     missing: MissingConfig = field(default_factory=MissingConfig)
     preset: PresetConfig = field(default_factory=PresetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 def register_schemas() -> None:
@@ -143,6 +156,7 @@ def register_schemas() -> None:
     cs.store(name="train_schema", node=node)
     if not OmegaConf.has_resolver("metamm_dirname"):
         OmegaConf.register_new_resolver("metamm_dirname", job_dirname)
+        OmegaConf.register_new_resolver("metamm_jobnum", lambda num: f"{int(num):04d}")
 
 
 _HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
@@ -231,6 +245,10 @@ _RANGES = [
     ("trainer.weight_decay", lambda v: v < 3e38, "a float32 number (< 3e38)"),
     ("trainer.grad_clip", lambda v: v is None or v < 3e38, "null or a float32 number (< 3e38)"),
     ("trainer.threads", lambda v: v is None or v >= 1, "null (auto) or >= 1"),
+    ("trainer.step_size", lambda v: v >= 1, ">= 1"),
+    ("trainer.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("trainer.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("trainer.patience", lambda v: v is None or v >= 1, "null or >= 1"),
     ("eval.episodes", lambda v: v >= 1, ">= 1"),
     ("eval.tasks_per_batch", lambda v: v >= 1, ">= 1"),
     ("align.weight", lambda v: v >= 0, ">= 0"),

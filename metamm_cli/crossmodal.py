@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from metamm_cli import ConfigError
+from metamm_cli.device import upcast
 from metamm_cli.data.episodes import Episode
 
 
@@ -57,7 +58,7 @@ def info_nce(za: torch.Tensor, zb: torch.Tensor, valid: torch.Tensor, scale: tor
     ``za, zb [T, S, D]`` two modalities of the same ``S`` samples, ``valid [T, S]`` where both are
     present. With ``l_ij = scale * cos(za_i, zb_j)`` over valid ``i, j``,
     ``loss = mean_i ½(-log softmax_j(l_ij)[i] - log softmax_j(l_ji)[i])`` over valid ``i``."""
-    logits = scale * F.normalize(za.float(), dim=-1) @ F.normalize(zb.float(), dim=-1).transpose(-1, -2)
+    logits = scale * F.normalize(upcast(za), dim=-1) @ F.normalize(upcast(zb), dim=-1).transpose(-1, -2)
     pair = valid[:, :, None] & valid[:, None, :]
     neg = torch.finfo(logits.dtype).min
     a2b = logits.masked_fill(~pair, neg).log_softmax(-1).diagonal(dim1=-2, dim2=-1)
@@ -120,7 +121,8 @@ def attach(algo: nn.Module, cfg: DictConfig, modalities: Sequence[str]) -> nn.Mo
             if not module.training:
                 return output
             loss, logits = output
-            return loss + weight * module.alignment(module.model, episode), logits
+            with module.task_groups(episode.num_tasks):  # BatchNorm statistics per task, as the loss's
+                return loss + weight * module.alignment(module.model, episode), logits
         algo.register_forward_hook(post)
     return algo
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import random
-from typing import Any
+import re
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -76,15 +76,25 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
-def resolve_device(device: Any) -> torch.device:
-    name = enum_name(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda: no CUDA device is available here; use auto or cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"trainer.device={name}: must be one of auto, cpu, cuda")
-    return torch.device(name)
+def resolve_device(device: Any, job: Optional[int] = None) -> torch.device:
+    """``trainer.device``: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+    ``job``: the number of a job running beside others (a parallel sweep); with several GPUs
+    auto/cuda then take GPU ``job % count``, one job per GPU."""
+    name = str(enum_name(device))
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"trainer.device={name}: must be one of auto, cpu, cuda, cuda:N")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name}: no CUDA device is available here; use auto or cpu")
+    count = torch.cuda.device_count()
+    if ":" in name:
+        index = int(name.split(":")[1])
+        if index >= count:
+            raise ConfigError(f"trainer.device={name}: this machine has {count} CUDA device"
+                              f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+        return torch.device("cuda", index)
+    return torch.device("cuda", (job or 0) % count)
 
 
 def autocast_for(device: torch.device, amp: Any):
@@ -94,6 +104,11 @@ def autocast_for(device: torch.device, amp: Any):
         return contextlib.nullcontext
     return functools.partial(torch.autocast, device.type,
                              dtype=torch.bfloat16 if name == "bf16" else torch.float16)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32 (losses and statistics under AMP); float32/64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def seed_everything(seed: int) -> None:
@@ -122,12 +137,3 @@ def warn_amp(device: torch.device, amp: Any) -> str:
             f"trainer.amp={name} on the CPU is emulated and often several times slower than fp32; "
             f"use trainer.amp=none unless you are testing AMP")
     return name
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, max_steps: int):
-    """``trainer.scheduler``: none (constant) or cosine (to 0 at max_steps), stepped per step."""
-    def factor(step: int) -> float:
-        if name != "cosine":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(step, max_steps) / max(max_steps, 1)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

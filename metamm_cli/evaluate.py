@@ -37,8 +37,13 @@ def mean_ci95(accs: torch.Tensor) -> Dict[str, float]:
 
 
 def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_per_batch: int,
-             autocast=contextlib.nullcontext, progress: bool = False) -> Dict[str, float]:
-    """Run ``episodes`` episodes (the sampler is re-seeded, so every call sees the same ones)."""
+             autocast=contextlib.nullcontext, progress: bool = False, world=None) -> Dict[str, float]:
+    """Run ``episodes`` episodes (the sampler is re-seeded, so every call sees the same ones);
+    distributed (``world``), each rank runs its share of every batch and the accuracies are
+    gathered, so every rank gets the result one process would."""
+    from metamm_cli.distributed import SINGLE, gather_tasks
+
+    world = world or SINGLE
     from tqdm import tqdm
 
     bar = tqdm(total=episodes, disable=not progress, desc="eval", unit="episode", leave=False)
@@ -49,12 +54,18 @@ def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_
     try:
         with torch.no_grad():
             for start in range(0, episodes, tasks_per_batch):
-                episode = sampler.sample(min(tasks_per_batch, episodes - start))
-                with autocast():
-                    _, logits = algo(episode)
-                accs.append(accuracy(logits, episode.query_labels))
-                bad.append((~torch.isfinite(logits)).flatten(1).any(1))
-                bar.update(episode.num_tasks)
+                n = min(tasks_per_batch, episodes - start)
+                part = world.part(n) if world.distributed else None
+                episode = sampler.sample(n, part=part)
+                if episode.num_tasks:
+                    with autocast():
+                        _, logits = algo(episode)
+                    acc, nan = accuracy(logits, episode.query_labels), (~torch.isfinite(logits)).flatten(1).any(1)
+                else:  # a rank with no task of this (last, short) batch
+                    acc = nan = episode.query_labels.new_zeros(0, dtype=torch.float32)
+                accs.append(gather_tasks(acc, n, world))
+                bad.append(gather_tasks(nan.float(), n, world) > 0)
+                bar.update(n)
     except Exception as e:  # noqa: BLE001 - only memory errors are translated
         if is_oom(e):
             raise ConfigError(f"out of memory while evaluating {tasks_per_batch} episodes at once: "
@@ -121,10 +132,40 @@ def setting(cfg: DictConfig) -> str:
     return text + f", chance {100 / way:.2f}%"
 
 
+NEUTRAL_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "eval.tasks_per_batch",
+                "eval.missing_sweep", "ckpt", "hydra")  # they do not change what is measured
+
+
+def to_tensorboard(report: Dict, overrides: list) -> None:
+    """An evaluation of a run's own test setting goes into that run's TensorBoard: ``test/acc``,
+    ``hparam/test_acc`` (the hparams table's column) and the missing-modality curves
+    ``test/missing/<modality>`` (x: rate in %), at the run's last step."""
+    from metamm_cli.record import read_json, tb_folder
+    from metamm_cli.resume import run_dir_of
+
+    run = run_dir_of(Path(report["ckpt"]))
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if run is None or report.get("accuracy") is None or not report["config"]["trainer"].get("tensorboard", True) \
+            or any(not k.startswith(NEUTRAL_KEYS) for k in keys):
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = read_json(run / "metrics.json").get("step") or report.get("step") or 0
+    with SummaryWriter(str(tb_folder(run))) as writer:
+        writer.add_scalar("test/acc", report["accuracy"], step)
+        writer.add_scalar("test/acc_ci95", report["ci95"], step)
+        writer.add_scalar("hparam/test_acc", report["accuracy"], step)
+        for m, points in (report.get("missing_sweep") or {}).items():
+            for p in points:
+                writer.add_scalar(f"test/missing/{m}", p["accuracy"], round(100 * p["rate"]))
+
+
 def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
-                        state: Optional[Dict] = None) -> Dict:
-    """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes.
-    ``state`` is the already-loaded checkpoint, if the caller has it."""
+                        state: Optional[Dict] = None, filename: str = "eval.json", quiet: bool = False) -> Dict:
+    """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes,
+    write the report to ``out_dir / filename`` (and, for the run's own test setting, into its
+    TensorBoard). ``state`` is the already-loaded checkpoint, if the caller has it; ``quiet``:
+    the caller prints the result."""
     state = state or load_checkpoint(cfg.ckpt, prefer="best.pt")
     if "config" not in state or "model" not in state:
         raise ConfigError(f"--ckpt {state['path']}: checkpoint lacks its config or weights")
@@ -157,7 +198,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
     split = enum_name(V.split)
     if enum_name(V.task) == "retrieval":  # cross-modal retrieval instead of episodes
         from metamm_cli.retrieval import retrieval_report
-        return retrieval_report(algo, dataset.split(split, device), run_cfg, state, out_dir)
+        return retrieval_report(algo, dataset.split(split, device), run_cfg, state, out_dir / filename)
     autocast = autocast_for(device, run_cfg.trainer.amp)
     extra = {}
     described = setting(run_cfg)
@@ -177,7 +218,11 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
     report = {**result, "split": split, "setting": described, "ckpt": state["path"], "step": state.get("step"),
               **extra, "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    (out_dir / filename).write_text(json.dumps(report, indent=2))
+    if not V.episodes_file:
+        to_tensorboard(report, overrides)
+    if quiet:
+        return report
     line = (f"accuracy: {result['accuracy']:.2f} +- {result['ci95']:.2f} "
             f"(95% CI, {result['episodes']} episodes{'' if V.episodes_file else ' of the ' + split + ' split'}; "
             f"{described})")
@@ -185,5 +230,5 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
         log.info(line)
     else:
         print(line)
-    log.info(f"wrote {out_dir / 'eval.json'}")
+    log.info(f"wrote {out_dir / filename}")
     return report

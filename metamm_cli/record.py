@@ -35,7 +35,7 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def flat(cfg: Dict, prefix: str = "") -> Dict[str, Any]:
-    """A nested config as ``{"a.b": value}`` with TensorBoard-friendly values (hparams)."""
+    """A nested config as ``{"a.b": value}`` with TensorBoard-friendly values."""
     out = {}
     for k, v in cfg.items():
         if isinstance(v, dict):
@@ -43,6 +43,37 @@ def flat(cfg: Dict, prefix: str = "") -> Dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def hparams(config: Dict, choices: Dict[str, str]) -> Dict[str, Any]:
+    """The run's hyper-parameters as TensorBoard shows them: each config group by the option
+    chosen (``fusion: attention``, not ``fusion._target_: metamm_cli.models.fusion.Attention``),
+    then every other key flattened; bookkeeping keys left out."""
+    out = {group.replace("/", "."): name for group, name in sorted(choices.items())
+           if not group.startswith("hydra") and name is not None}
+    for key, value in flat(config).items():
+        if key.endswith("._target_") or key.split(".")[0] in HPARAM_SKIP or key in HPARAM_SKIP:
+            continue
+        out[key] = value
+    return out
+
+
+HPARAM_SKIP = {"output_root", "task_name", "preset", "search", "trainer.resume", "trainer.progress",
+               "trainer.tensorboard", "trainer.test"}
+
+
+def job_identity(task_name: str) -> Dict[str, Any]:
+    """This job's Hydra group choices and its name for TensorBoard: the overrides that make it
+    (``fusion=attention,seed=1``), or its task name; {} outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return {}
+    choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra")}
+    name = hc.job.override_dirname or task_name
+    return {"choices": choices, "tb": name.replace("/", "_")}
 
 
 def _git(where: Path, *args: str) -> Optional[str]:
@@ -72,11 +103,8 @@ def record_run(run_dir: Path, overrides: List[str], device: torch.device, resume
              "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
              "threads": torch.get_num_threads(), "git": git_commit(), "host": socket.gethostname(),
              **(extra or {})}
-    try:
-        info = json.loads(path.read_text()) if resumed_at is not None else None
-    except (OSError, ValueError):
-        info = None
-    if info is None:
+    info = read_json(path) if resumed_at is not None else None
+    if not info:
         info = {**entry, "resumes": []}
     else:
         info.setdefault("resumes", []).append({**entry, "at_step": resumed_at, "changes": changes})
@@ -84,22 +112,41 @@ def record_run(run_dir: Path, overrides: List[str], device: torch.device, resume
 
 
 def open_folder(run, overrides: List[str], changes: List[str], resumed: bool) -> None:
-    """The run folder: orphan temporaries removed, config.yaml, run.json."""
+    """The run folder: orphan temporaries removed, config.yaml, run.json (a resumed run keeps its
+    first TensorBoard name and group choices)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     clean_orphans(run.ckpt_dir)
     write_atomic(run.run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(run.stored_config()).encode()))
-    record_run(run.run_dir, overrides, run.device, run.state.step if resumed else None, changes)
+    first = read_json(run.run_dir / "run.json") if resumed else {}
+    identity = {k: first[k] for k in ("choices", "tb") if k in first} if first else job_identity(run.cfg.task_name)
+    record_run(run.run_dir, overrides, run.device, run.state.step if resumed else None, changes, identity)
+    run.identity = identity
     run.purge_step = run.state.step + 1 if resumed else None
+
+
+def tb_folder(run_dir: Path, identity: Optional[Dict] = None) -> Path:
+    """``RUN/tb/<name>``: TensorBoard names a run by its folder, so the name is the job's
+    overrides (``fusion=attention,seed=1``); runs from before this layout log into ``RUN/tb``."""
+    name = (identity if identity is not None else read_json(Path(run_dir) / "run.json")).get("tb")
+    return Path(run_dir) / "tb" / name if name else Path(run_dir) / "tb"
 
 
 def tensorboard(run):
     """The run's TensorBoard writer, made at the first point logged (so a run that fails before
     it leaves no event file), or None with trainer.tensorboard=false. A resumed run drops the
     points logged after its checkpoint."""
-    if run.writer is None and run.cfg.trainer.tensorboard:
+    if run.writer is None and run.cfg.trainer.tensorboard and (run.world is None or run.world.main):
         from torch.utils.tensorboard import SummaryWriter
-        run.writer = SummaryWriter(str(run.run_dir / "tb"), purge_step=run.purge_step)
+        run.writer = SummaryWriter(str(tb_folder(run.run_dir, run.identity)), purge_step=run.purge_step)
     return run.writer
+
+
+def read_json(path: Path) -> Dict:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def write_metrics(run, val: Optional[Dict], **extra) -> Dict[str, Any]:
@@ -111,6 +158,7 @@ def write_metrics(run, val: Optional[Dict], **extra) -> Dict[str, Any]:
         "best_val_acc": S.best if S.history else None, "best_step": S.best_step,
         "train_loss": last.get("train/loss"), "train_acc": last.get("train/acc"),
         "episodes_per_s": run.episodes / run.train_time if run.train_time else None, "train_time_s": run.train_time,
+        "wall_time_s": S.wall,
         "skipped_steps": int(S.bad), "device": str(run.device), "run_dir": str(run.run_dir),
         "resumed_from": run.resumed_from, "history": S.history, **extra})
     write_json(run.run_dir / "metrics.json", metrics)

@@ -77,6 +77,43 @@ def find_resume(resume: Any, runs_root: Path) -> Optional[Path]:
     return path
 
 
+def find_sweep(resume: Any, task_root: Path) -> Path:
+    """``metamm train -m ... trainer.resume=true|SWEEP_FOLDER``: the sweep folder to continue
+    (true: the task's newest)."""
+    if resume is True or str(resume) == "true":
+        found = sorted((p.parent for p in Path(task_root).glob("multiruns/*/multirun.yaml")),
+                       key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"trainer.resume=true with -m: no sweep of task '{Path(task_root).name}' "
+                              f"under {task_root}/multiruns/")
+        return found[-1]
+    path = Path(str(resume)).expanduser()
+    if not (path / "multirun.yaml").is_file():
+        raise ConfigError(f"trainer.resume={resume} with -m: not a sweep folder (no multirun.yaml); "
+                          f"give a folder under outputs/<task>/multiruns/, or drop -m to resume one run")
+    return path
+
+
+def continue_job(run_dir: Path) -> Tuple[Optional[Dict], Optional[Dict]]:
+    """A job of a continued sweep: (its metrics, None) when it finished, (None, its last.pt)
+    when it stopped, (None, None) when it never started."""
+    from metamm_cli.checkpoint import load_checkpoint
+
+    metrics, last = Path(run_dir) / "metrics.json", Path(run_dir) / "checkpoints" / "last.pt"
+    if metrics.is_file():
+        done = json.loads(metrics.read_text())
+        if not done.get("interrupted"):
+            return done, None
+    if last.is_file():
+        return None, load_checkpoint(last, key="trainer.resume", versions=RESUMABLE)
+    return None, None
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already has a run's results (a new run there would overwrite them)."""
+    return (Path(run_dir) / "metrics.json").is_file() or (Path(run_dir) / "checkpoints").is_dir()
+
+
 def resume_state(cfg: DictConfig) -> Optional[Dict]:
     """The checkpoint ``trainer.resume`` names (null: none)."""
     from metamm_cli.checkpoint import load_checkpoint

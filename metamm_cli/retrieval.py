@@ -22,6 +22,7 @@ from typing import Dict, Sequence
 import torch
 
 from metamm_cli import ConfigError
+from metamm_cli.device import upcast
 from metamm_cli.data.episodes import gather_modalities, SplitData
 
 KS = (1, 5, 10)
@@ -72,9 +73,9 @@ def embed_modality(algo, split: SplitData, modality: str, batch: int = 512) -> t
         present = torch.zeros_like(split.present[start:start + batch])
         present[:, col] = True
         if prototype_level:
-            out.append(model.features(inputs)[modality].float())
+            out.append(upcast(model.features(inputs)[modality]))
         else:
-            out.append(model(inputs, present).float())
+            out.append(upcast(model(inputs, present)))
     return torch.cat(out)
 
 
@@ -136,7 +137,7 @@ def format_table(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def retrieval_report(algo, split: SplitData, run_cfg, state: Dict, out_dir) -> Dict:
+def retrieval_report(algo, split: SplitData, run_cfg, state: Dict, out) -> Dict:
     """`metamm eval eval.task=retrieval`: run :func:`retrieval`, print the table, write eval.json."""
     import json
     import logging
@@ -149,8 +150,8 @@ def retrieval_report(algo, split: SplitData, run_cfg, state: Dict, out_dir) -> D
     report = {"task": "retrieval", **result, "split": split_name, "ckpt": state["path"],
               "step": state.get("step"),
               "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     print(format_table(result))
-    logging.getLogger("metamm").info(f"retrieval on the {split_name} split; wrote {out_dir / 'eval.json'}")
+    logging.getLogger("metamm").info(f"retrieval on the {split_name} split; wrote {out}")
     return report

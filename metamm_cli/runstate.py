@@ -8,6 +8,7 @@ import logging
 import random
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from metamm_cli import ConfigError
 from metamm_cli.checkpoint import mismatch
 from metamm_cli.record import write_metrics
-from metamm_cli.resume import resume_command
+from metamm_cli.resume import hydra_quote, resume_command
 
 log = logging.getLogger("metamm")
 
@@ -37,6 +38,12 @@ class RunState:
         self.bad = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps (all time)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.first_bad_index: Optional[torch.Tensor] = None  # the samples of the first bad step
+        self.wall_base, self.clock = 0.0, time.perf_counter()  # wall seconds before this process, its start
+
+    @property
+    def wall(self) -> float:
+        """Wall-clock seconds of the run so far, over all its processes (resumes included)."""
+        return self.wall_base + time.perf_counter() - self.clock
 
     def record(self, loss: torch.Tensor, acc: torch.Tensor, bad: torch.Tensor, tasks: int,
                index: Optional[torch.Tensor] = None) -> None:
@@ -66,7 +73,8 @@ class RunState:
 
     def state_dict(self, config: Dict) -> Dict[str, Any]:
         return {"step": self.step, "best_val_acc": self.best, "best_step": self.best_step,
-                "history": self.history, "config": config, "data": self.data, "log_sums": self.sums.cpu(),
+                "history": self.history, "config": config, "data": self.data, "wall_time_s": self.wall,
+                "log_sums": self.sums.cpu(),
                 "log_tasks": self.tasks, "bad": self.bad.cpu(), "first_bad": self.first_bad.cpu(),
                 **{name: m.state_dict() for name, m in self.modules.items()},
                 "rng": {"torch": torch.get_rng_state(), "sampler": self.sampler.generator.get_state(),
@@ -79,6 +87,7 @@ class RunState:
                 m.load_state_dict(state[name])
         self.step, self.best, self.best_step = state["step"], state["best_val_acc"], state["best_step"]
         self.history = list(state.get("history", []))
+        self.wall_base = float(state.get("wall_time_s", 0.0))
         self.sums = state["log_sums"].to(self.device)
         self.tasks = state["log_tasks"]
         self.bad, self.first_bad = state["bad"].to(self.device), state["first_bad"].to(self.device)
@@ -131,6 +140,10 @@ class Run:
     val: Optional[Dict[str, float]] = None  # the last validation
     resumed_from: Optional[str] = None
     dataset: Any = None
+    trial: Any = None  # a search's TrialReporter (search.py), else None
+    identity: Optional[Dict] = None  # Hydra group choices and TensorBoard name (record.py)
+    world: Any = None  # distributed.World: this process's rank among the training processes
+    early_stopped: Optional[int] = None  # the step trainer.patience stopped the run at
 
     def timed(self, seconds: float) -> None:
         self.window += seconds
@@ -167,8 +180,19 @@ class Diverged(ConfigError):
 
 
 def stop_now(run: Run, signum: int) -> None:
+    """After the checkpoint of a stop request: metrics, the resume command, exit 128 + signum
+    (distributed: every rank stops after the same step; rank 0 has written)."""
+    from metamm_cli.distributed import barrier
+    from metamm_cli.launch import sweep_job
+
     name = signal.Signals(signum).name
-    write_metrics(run, None, interrupted=name)
-    log.warning(f"{name} at step {run.state.step}: checkpoint saved to {run.ckpt_dir / 'last.pt'}; "
-                f"resume with: {resume_command(run.run_dir)}")
+    if run.world is None or run.world.main:
+        write_metrics(run, None, interrupted=name)
+        how = resume_command(run.run_dir)
+        if sweep_job():  # the whole sweep: its folder, the same command line, trainer.resume
+            how += f"; the whole sweep: add 'trainer.resume={hydra_quote(run.run_dir.parent)}' to the sweep's command"
+        log.warning(f"{name} at step {run.state.step}: checkpoint saved to {run.ckpt_dir / 'last.pt'}; "
+                    f"resume with: {how}")
+    if run.world is not None:
+        barrier(run.world)
     raise SystemExit(128 + signum)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -20,24 +21,30 @@ from metamm_cli.claim import claim, release
 from metamm_cli.config import check_ranges
 from metamm_cli.data.base import build_dataset, describe_changes
 from metamm_cli.data.episodes import build_sampler
-from metamm_cli.device import (autocast_for, enum_name, is_oom, make_deterministic, make_scheduler, resolve_device,
+from metamm_cli.device import (autocast_for, enum_name, is_oom, make_deterministic, resolve_device,
                                seed_everything, set_threads, warn_amp)
+from metamm_cli.distributed import all_reduce_step, barrier, local_share, snapshot, world
 from metamm_cli.evaluate import evaluate, per_second
-from metamm_cli.record import finite_json, flat, open_folder, tensorboard, write_metrics
-from metamm_cli.resume import finished, merge_resume, resume_state
+from metamm_cli.launch import job_share, sweep_job
+from metamm_cli.optim import make_optimizer, make_scheduler
+from metamm_cli.record import finite_json, hparams, open_folder, tensorboard, write_metrics
+from metamm_cli.resume import continue_job, finished, holds_a_run, hydra_quote, merge_resume, resume_state
 from metamm_cli.runstate import Diverged, Run, RunState, restore, stop_now
+from metamm_cli.search import Pruned, reporter
 from metamm_cli.signals import StopSignals
 
 log = logging.getLogger("metamm")
 
 
-def meta_backward(algo, episode, chunk: int, autocast=contextlib.nullcontext, scaler=None):
+def meta_backward(algo, episode, chunk: int, autocast=contextlib.nullcontext, scaler=None,
+                  total: Optional[int] = None):
     """Forward and backward the meta-batch ``chunk`` tasks at a time (bounding memory); the
-    gradients are those of the mean loss over all tasks. Returns the summed task losses and
-    accuracies, still on the device."""
-    T = episode.num_tasks
+    gradients are those of the mean loss over ``total`` tasks (default: the episode's; in
+    distributed training the whole meta-batch, of which the episode is this rank's share).
+    Returns the summed task losses and accuracies, still on the device."""
+    T = total or episode.num_tasks
     loss_sum = acc_sum = 0
-    for start in range(0, T, chunk):
+    for start in range(0, episode.num_tasks, chunk):
         part = episode.tasks(start, start + chunk)
         with autocast():
             loss, logits = algo(part)
@@ -49,13 +56,21 @@ def meta_backward(algo, episode, chunk: int, autocast=contextlib.nullcontext, sc
 
 
 def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[Dict]) -> Run:
+    started = time.perf_counter()
     changes = []
     if ckpt is not None:
         cfg, changes = merge_resume(ckpt["config"], cfg, overrides)
     check_ranges(cfg)
     T, E = cfg.trainer, cfg.episode
-    device = resolve_device(T.device)
-    threads = set_threads(T.threads)
+    w = world()
+    share, job = job_share() if not w.distributed else (local_share(), w.local_rank)  # CPUs, GPU
+    device = resolve_device(T.device, job)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    threads = set_threads(T.threads if T.threads is not None else share)
+    if w.size > T.meta_batch:
+        raise ConfigError(f"trainer.meta_batch={T.meta_batch}: {w.size} processes train together, each "
+                          f"needs at least one task of the meta-batch; raise it to >= {w.size}")
     seed_everything(cfg.seed)
     make_deterministic(T.deterministic)
     stored = (ckpt or {}).get("data") or {}
@@ -68,31 +83,42 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     val_tasks = min(T.val_episodes, cfg.eval.tasks_per_batch)
     val_sampler = build_sampler(cfg, dataset, "val", device, val_tasks, cfg.seed + 1)
     algo = build_algorithm(cfg, dataset).to(device)
-    optimizer = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad], lr=T.lr,
-                                 weight_decay=T.weight_decay, fused=True)  # fused: skips on device
-    scheduler = make_scheduler(optimizer, enum_name(T.scheduler), T.max_steps)
+    optimizer = make_optimizer(algo.parameters(), T)
+    scheduler = make_scheduler(optimizer, T)
     scaler = torch.amp.GradScaler(device.type, enabled=enum_name(T.amp) == "fp16")
     modules = {"model": algo, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     state = RunState(modules, train_sampler, device, {"state": dataset.state_dict(), "fingerprint": fingerprint})
+    state.clock = started  # wall time counts the start-up (data loading) too
     run = Run(cfg, run_dir, device, algo, optimizer, scheduler, scaler, train_sampler, val_sampler,
-              val_tasks, autocast_for(device, T.amp), state, dataset=dataset)
+              val_tasks, autocast_for(device, T.amp), state, dataset=dataset, world=w)
     if ckpt is not None:
         restore(run, ckpt, changes)
-    open_folder(run, overrides, changes, resumed=ckpt is not None)
+    run.trial = reporter(cfg)
+    if w.main:  # rank 0 writes the run folder; the others only train
+        open_folder(run, overrides, changes, resumed=ckpt is not None)
     amp = warn_amp(device, T.amp)
+    ranks = f", rank {w.rank} of {w.size}" if w.distributed else ""
     log.info(f"{dataset.describe()} | {E.way}-way {E.shot}-shot {E.query}-query | "
              f"{type(algo).__name__} + {type(algo.model.fusion).__name__} on {device} (amp {amp}, "
-             f"{threads} CPU thread{'s' if threads > 1 else ''}) | run dir {run_dir}")
+             f"{threads} CPU thread{'s' if threads > 1 else ''}{ranks}) | run dir {run_dir}")
     return run
 
 
-def train_step(run: Run) -> None:
+def train_step(run: Run, stop: bool = False) -> bool:
     """One optimizer step. A non-finite loss or gradient skips the update on the device
-    (fused Adam's found_inf, as a GradScaler does) and is counted, without a host sync."""
-    T, S = run.cfg.trainer, run.state
-    episode = run.train_sampler.sample()
+    (fused Adam's found_inf, as a GradScaler does) and is counted, without a host sync.
+    Distributed: this rank's share of the meta-batch, then one all-reduce (distributed.py); a stop
+    requested on any rank (``stop``) is returned on every rank. Returns whether to stop."""
+    T, S, w = run.cfg.trainer, run.state, run.world
+    part = w.part(T.meta_batch) if w.distributed else None
+    episode = run.train_sampler.sample(part=part)
+    before = snapshot(run.algo) if w.distributed else None
     run.optimizer.zero_grad(set_to_none=True)
-    loss, acc = meta_backward(run.algo, episode, T.task_chunk or T.meta_batch, run.autocast, run.scaler)
+    loss, acc = meta_backward(run.algo, episode, T.task_chunk or T.meta_batch, run.autocast, run.scaler,
+                              total=T.meta_batch)
+    if w.distributed:
+        (loss, acc), stop = all_reduce_step(run.algo, torch.stack([loss, acc]), stop, before, part,
+                                            T.meta_batch, w)
     if run.scaler.is_enabled():
         run.scaler.unscale_(run.optimizer)  # the scaler itself skips steps with non-finite gradients
     grads = [p.grad for p in run.algo.parameters() if p.grad is not None]
@@ -108,6 +134,7 @@ def train_step(run: Run) -> None:
     run.scaler.update()
     run.scheduler.step()
     S.record(loss, acc, bad, T.meta_batch, episode.index)
+    return stop
 
 
 LARGE_INPUT = 1e4  # an input value beyond this (data normalised to a few units) is named as a culprit
@@ -165,7 +192,7 @@ def log_train(run: Run) -> None:
 
 def validate(run: Run) -> Dict[str, float]:
     S, T = run.state, run.cfg.trainer
-    val = evaluate(run.algo, run.val_sampler, T.val_episodes, run.val_tasks, run.autocast)
+    val = evaluate(run.algo, run.val_sampler, T.val_episodes, run.val_tasks, run.autocast, world=run.world)
     S.history.append(finite_json({"step": S.step, "val_acc": val["accuracy"], "val_acc_ci95": val["ci95"],
                                   "train_loss": (run.last or {}).get("train/loss")}))
     writer = tensorboard(run)
@@ -178,16 +205,21 @@ def validate(run: Run) -> Dict[str, float]:
                 f" | {per_second(last['episodes_per_s'])} episodes/s" if last else ""))
     if val["accuracy"] > S.best:
         S.best, S.best_step = val["accuracy"], S.step
-        save_checkpoint(run.ckpt_dir / "best.pt", S.state_dict(run.stored_config()))
+        if run.world.main:
+            save_checkpoint(run.ckpt_dir / "best.pt", S.state_dict(run.stored_config()))
     run.val = {**val, "step": S.step}
+    if run.trial is not None:  # a search's trial: its pruner may stop a clearly worse run here
+        run.trial.report(val["accuracy"], S.step)
     return run.val
 
 
 def checkpoint(run: Run) -> None:
-    """last.pt, and with trainer.keep_last=N also step_XXXXXXXX.pt, of which the N newest stay."""
-    save_checkpoint(run.ckpt_dir / "last.pt", run.state.state_dict(run.stored_config()))
+    """last.pt, and with trainer.keep_last=N also step_XXXXXXXX.pt, of which the N newest stay
+    (rank 0 writes; every rank holds the same state)."""
+    if run.world.main:
+        save_checkpoint(run.ckpt_dir / "last.pt", run.state.state_dict(run.stored_config()))
+        keep_last(run.ckpt_dir, run.state.step, run.cfg.trainer.keep_last)
     run.saved_step = run.state.step
-    keep_last(run.ckpt_dir, run.state.step, run.cfg.trainer.keep_last)
 
 
 def periodic(run: Run, stopping: bool, tick: float) -> None:
@@ -218,9 +250,22 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, overrides: Optional[L
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         overrides = list(HydraConfig.get().overrides.task) if overrides is None else overrides
     run_dir, overrides = Path(run_dir), overrides or []
-    claim(run_dir, f"trainer.resume={cfg.trainer.resume}" if cfg.trainer.resume else "train")
+    main = world().main  # distributed: rank 0 holds the run folder
+    if main:
+        claim(run_dir, f"trainer.resume={cfg.trainer.resume}" if cfg.trainer.resume else "train")
     run = None
     try:
+        if sweep_job() and cfg.trainer.resume:  # a continued sweep: this job's own state
+            done, ckpt = continue_job(run_dir)
+            if done is not None:
+                log.info(f"{run_dir.name}: finished before, skipped")
+                return done
+            if ckpt is None:
+                cfg.trainer.resume = None
+        elif main and ckpt is None and cfg.trainer.resume in (None, False) and holds_a_run(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run: continue it with "
+                              f"trainer.resume={hydra_quote(run_dir)} (or -m ... trainer.resume=SWEEP_FOLDER "
+                              f"for a sweep), or choose another folder; nothing is overwritten")
         ckpt = ckpt or resume_state(cfg)
         done = finished(ckpt, cfg, overrides) if ckpt is not None else None
         if done is not None:
@@ -233,22 +278,46 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, overrides: Optional[L
             while run.state.step < T.max_steps:
                 tick = time.perf_counter()
                 try:
-                    train_step(run)
+                    agreed = train_step(run, stop.signum is not None)
+                    # distributed: the flag all ranks summed (a later signal counts at the next step)
+                    stopping = agreed if run.world.distributed else stop.signum is not None
                 except Exception as e:  # noqa: BLE001 - only memory errors are translated
                     if is_oom(e):
                         raise ConfigError(out_of_memory(run)) from e
                     raise
                 run.bar.update()
-                periodic(run, stop.signum is not None, tick)
-                if stop.signum is not None and run.state.step < T.max_steps:
+                periodic(run, stopping, tick)
+                if stopping and run.state.step < T.max_steps:
                     run.bar.close()
-                    stop_now(run, stop.signum)
+                    stop_now(run, stop.signum or signal.SIGTERM)
+                if patience_spent(run):
+                    break
         run.bar.close()
         return finish(run)
+    except Pruned as why:
+        run.bar.close()
+        checkpoint(run)
+        log.info(f"search: {why}")
+        return write_metrics(run, run.val, status="pruned", pruned=str(why))
     finally:
         if run is not None and run.writer:
             run.writer.close()
-        release(run_dir)
+        if main:
+            release(run_dir)
+
+
+def patience_spent(run: Run) -> bool:
+    """``trainer.patience=N``: N validations in a row without a new best stop the run early."""
+    P, S = run.cfg.trainer.patience, run.state
+    if not P or not S.history or S.history[-1]["step"] != S.step:
+        return False
+    since = sum(h["step"] > S.best_step for h in S.history)
+    if since < P:
+        return False
+    log.info(f"early stop at step {S.step}: {since} validations without a new best "
+             f"(best {S.best:.2f} at step {S.best_step}; trainer.patience={P})")
+    run.early_stopped = S.step
+    return True
 
 
 def out_of_memory(run: Run) -> str:
@@ -266,11 +335,36 @@ def finish(run: Run) -> Dict[str, Any]:
     val = run.val if run.val and run.val["step"] == S.step else validate(run)
     if run.saved_step != S.step:
         checkpoint(run)
-    metrics = write_metrics(run, val)
-    if tensorboard(run):
-        run.writer.add_hparams(flat(run.stored_config()), {f"hparam/{k}": metrics[k] or 0.0 for k in
-                                                           ("val_acc", "best_val_acc")}, run_name=".", global_step=S.step)
+    if not run.world.main:  # rank 0 reports; wait until it has
+        barrier(run.world)
+        return {"step": S.step, "val_acc": val["accuracy"], "best_val_acc": S.best}
+    test = test_best(run) if run.cfg.trainer.test else None
+    extra = {"test_acc": test["accuracy"], "test_acc_ci95": test["ci95"]} if test else {}
+    if run.early_stopped:
+        extra["early_stopped"] = run.early_stopped
+    metrics = write_metrics(run, val, **extra)
+    if tensorboard(run):  # one hparams table for a sweep: readable values, validation and test
+        nan = float("nan")
+        run.writer.add_hparams(hparams(run.stored_config(), (run.identity or {}).get("choices", {})),
+                               {"hparam/val_acc": metrics["val_acc"] or nan, "hparam/best_val_acc": metrics["best_val_acc"] or nan,
+                                "hparam/test_acc": test["accuracy"] if test else nan}, run_name=".", global_step=S.step)
     print(f"run directory: {run.run_dir}")
     print(f"final validation accuracy: {val['accuracy']:.2f} +- {val['ci95']:.2f} "
           f"(95% CI, {val['episodes']} episodes, step {S.step})")
+    if test:
+        print(f"test accuracy: {test['accuracy']:.2f} +- {test['ci95']:.2f} (95% CI, {test['episodes']} "
+              f"episodes of best.pt, step {test['step']}; {test['setting']}; {run.run_dir / 'eval.json'})")
+    barrier(run.world)
     return metrics
+
+
+def test_best(run: Run) -> Dict[str, Any]:
+    """``trainer.test=true``: ``best.pt`` on the test split with the run's ``eval.*`` settings
+    (as ``metamm eval --ckpt RUN`` would), into the run's ``eval.json`` and TensorBoard."""
+    from metamm_cli.checkpoint import load_checkpoint
+    from metamm_cli.evaluate import evaluate_checkpoint
+
+    state = load_checkpoint(run.ckpt_dir / "best.pt")
+    if run.writer is not None:
+        run.writer.flush()
+    return evaluate_checkpoint(run.cfg, [], run.run_dir, state, quiet=True)

@@ -162,12 +162,7 @@ def test_reptile_update_equals_formula():
 
 
 ALGORITHMS = sorted(p.stem for p in CONFIGS.glob("algorithm/*.yaml"))
-# crossmodal.info_nce casts the embeddings with .float() (not upcast): align's loss is float32
-FLOAT64_LOSS_KNOWN = {"align": "crossmodal.info_nce casts to float32 with .float()"}
-
-
-@pytest.mark.parametrize("algorithm", [pytest.param(a, marks=pytest.mark.xfail(
-    reason=FLOAT64_LOSS_KNOWN[a], strict=True)) if a in FLOAT64_LOSS_KNOWN else a for a in ALGORITHMS])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_runs_in_float64(algorithm):
     """Forward and backward of a float64 model on a float64 episode stay float64 (no float32
     cast where ``upcast`` is meant), in training and in evaluation."""

@@ -45,7 +45,7 @@ def test_every_option_builds_and_runs(option):
 def test_defaults_are_the_documented_ones():
     cfg = compose_cfg()
     assert (cfg.episode.way, cfg.episode.shot, cfg.episode.query) == (5, 1, 15)
-    assert cfg.trainer.device.value == "auto" and cfg.trainer.amp.value == "none"
+    assert cfg.trainer.device == "auto" and cfg.trainer.amp.value == "none"
     assert cfg.fusion._target_.endswith("Concat") and cfg.algorithm._target_.endswith("ProtoNet")
     assert "exp" not in cfg  # experiments are added with +exp=NAME
 

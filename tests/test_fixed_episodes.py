@@ -54,7 +54,10 @@ def test_episodes_file_cli(folder_run):
     # per-episode accuracy in steps of the episode's query count
     assert round(accs[0] * 3 / 100, 6).is_integer() and round(accs[1] * 2 / 100, 6).is_integer()
     assert report["accuracy"] == pytest.approx(sum(accs) / 2)
-    assert f"accuracy: {report['accuracy']:.2f} +- {report['ci95']:.2f} (95% CI, 2 episodes)" in proc.stdout
+    # the file's own setting (2-way, 1-2 shots), not the checkpoint's episode.* keys
+    assert (f"accuracy: {report['accuracy']:.2f} +- {report['ci95']:.2f} (95% CI, 2 episodes; 2 fixed episodes, "
+            f"2-way 1-2-shot 1-1.5-query, chance 50.00%)") in proc.stdout, proc.stdout
+    assert report["setting"].startswith("2 fixed episodes, 2-way")
 
 
 def test_episode_builder_masks_and_decodes(folder_run):
@@ -94,6 +97,11 @@ def test_episodes_file_errors(folder_run):
         assert says in err and also in err and str(f) in err
     with pytest.raises(ConfigError, match="no such file"):
         load_episodes_file(str(tmp / "nope.json"))
+    (tmp / "null_root.json").write_text(json.dumps({"root": None, "episodes": [{"support": ok, "query": ok}]}))
+    assert load_episodes_file(str(tmp / "null_root.json"))[0] == tmp  # null: the file's folder, not 'None'
+    (tmp / "bad_root.json").write_text(json.dumps({"root": 3, "episodes": [{"support": ok, "query": ok}]}))
+    with pytest.raises(ConfigError, match='"root" must be a folder path'):
+        load_episodes_file(str(tmp / "bad_root.json"))
     (tmp / "bad.json").write_text('{"episodes": [{"support": []}]}')
     with pytest.raises(ConfigError, match="non-empty 'support' and 'query'"):
         load_episodes_file(str(tmp / "bad.json"))

@@ -19,8 +19,8 @@ def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[i
     """Model (encoders + fusion) from the config, wrapped by ``algorithm._target_``; ``way`` is
     the training way (a checkpoint's, when evaluating at another way); ``num_classes`` is the
     number of classes of the training split."""
-    algo = instantiate_checked(cfg.algorithm, "algorithm", model=build_model(cfg, dataset), way=way or cfg.episode.way,
-                       num_classes=dataset.split("train").num_classes)
+    algo = instantiate_checked(cfg.algorithm, "algorithm", model=build_model(cfg, dataset),
+                               way=way or cfg.episode.way, num_classes=dataset.num_classes("train"))
     if getattr(algo.model.fusion, "level", "sample") == "prototype" and not getattr(algo, "prototype_fusion", False):
         raise ConfigError(f"fusion={type(algo.model.fusion).__name__.lower()} works on prototypes and "
                           f"has no sample embedding: use a metric algorithm (protonet), not "

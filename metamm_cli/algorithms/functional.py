@@ -29,16 +29,13 @@ from torch import nn
 from torch.func import grad, vmap
 
 from metamm_cli import ConfigError
+from metamm_cli.device import upcast  # noqa: F401 - the algorithms import it from here
 
 Params = Dict[str, torch.Tensor]
 LR = Union[float, Mapping[str, torch.Tensor]]
 
 EXECUTIONS = ("auto", "vmap", "loop")
 
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 -> float32 (losses and statistics under AMP); float32/64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def sgd_step(params: Params, grads: Params, lr: LR, first_order: bool = False) -> Params:
@@ -292,6 +289,11 @@ class TaskBatchNorm2d(_TaskGroups, nn.BatchNorm2d):
 
 class TaskBatchNorm3d(_TaskGroups, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` with per-task batch statistics (see :class:`_TaskGroups`)."""
+
+
+def is_task_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a per-task BatchNorm (updates its running statistics once per task)."""
+    return isinstance(module, _TaskGroups)
 
 
 _TASK_SWAPS = {nn.BatchNorm1d: TaskBatchNorm1d, nn.BatchNorm2d: TaskBatchNorm2d,

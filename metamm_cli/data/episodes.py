@@ -140,7 +140,10 @@ class EpisodeSampler:
     def reset(self, seed: Optional[int] = None) -> None:
         self.generator.manual_seed(self.seed if seed is None else seed)
 
-    def sample(self, tasks: Optional[int] = None) -> Episode:
+    def sample(self, tasks: Optional[int] = None, part: Optional[Tuple[int, int]] = None) -> Episode:
+        """``tasks`` episodes (default: the sampler's ``tasks``); ``part=(start, stop)``: draw all of
+        them (the generator moves as for the whole meta-batch) but gather only tasks
+        ``start:stop`` (a rank's share in distributed training)."""
         T, N, K, Q = tasks or self.tasks, self.way, self.shot, self.query
         g, device = self.generator, self.table.device
         scores = torch.rand(T, len(self.eligible), generator=g, device=device)
@@ -157,6 +160,9 @@ class EpisodeSampler:
         noise = torch.rand(T, N, K + Q, 2 * len(self.rates), generator=g, device=device)
         if self.dropping:
             present = drop_modalities(present, self.rates, noise)
+        if part is not None:
+            idx, present, classes = idx[part[0]:part[1]], present[part[0]:part[1]], classes[part[0]:part[1]]
+            T = idx.shape[0]
         s_idx, q_idx = idx[..., :K].reshape(T, N * K), idx[..., K:].reshape(T, N * Q)
         s_pre, q_pre = present[:, :, :K].reshape(T, N * K, -1), present[:, :, K:].reshape(T, N * Q, -1)
         return Episode(

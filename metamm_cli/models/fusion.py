@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamm_cli import ConfigError
+from metamm_cli.device import upcast
 
 
 class Fusion(nn.Module):
@@ -32,7 +33,8 @@ class Fusion(nn.Module):
 
 def masked_softmax(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to present entries (absent ones get weight 0)."""
-    logits = logits.float().masked_fill(~present, torch.finfo(torch.float32).min)
+    logits = upcast(logits)
+    logits = logits.masked_fill(~present, torch.finfo(logits.dtype).min)
     return logits.softmax(dim=-1) * present
 
 
@@ -248,7 +250,7 @@ class PrototypeFusion(Fusion):
         nk = episode.support_labels.shape[1]
         inputs = {m: torch.cat([episode.support[m], episode.query[m]], 1) for m in episode.support}
         present = torch.cat([episode.support_present, episode.query_present], 1)
-        feats = {m: f.float() for m, f in model.encode(inputs, present).items()}
+        feats = {m: upcast(f) for m, f in model.encode(inputs, present).items()}
         return self.logits({m: f[:, :nk] for m, f in feats.items()}, present[:, :nk],
                            episode.support_labels, {m: f[:, nk:] for m, f in feats.items()},
                            present[:, nk:], episode.way, score)

@@ -1,0 +1,34 @@
+"""The outer optimizer and its learning-rate schedule (``trainer.optimizer``, ``trainer.scheduler``)."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from metamm_cli.device import enum_name
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], T) -> torch.optim.Optimizer:
+    """``trainer.optimizer``: adam (``trainer.lr``, ``trainer.weight_decay``) or sgd (with
+    ``trainer.momentum``; Reptile's outer step is plain SGD). Fused: a step whose gradients are
+    not finite is skipped on the device (``found_inf``), without a host sync."""
+    params = [p for p in params if p.requires_grad]
+    if enum_name(T.optimizer) == "sgd":
+        return torch.optim.SGD(params, lr=T.lr, momentum=T.momentum, weight_decay=T.weight_decay, fused=True)
+    return torch.optim.Adam(params, lr=T.lr, weight_decay=T.weight_decay, fused=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, T):
+    """``trainer.scheduler``, stepped once per optimizer step: none (constant), cosine (to 0 at
+    ``max_steps``) or step (times ``trainer.gamma`` every ``trainer.step_size`` steps: ProtoNet's
+    'halved every 2000 episodes')."""
+    name, max_steps = enum_name(T.scheduler), T.max_steps
+
+    def factor(step: int) -> float:
+        if name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step, max_steps) / max(max_steps, 1)))
+        if name == "step":
+            return T.gamma ** (step // T.step_size)
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,163 @@
+"""`metamm compare --plot FILE.png`: one figure of the compared rows (see compare.table):
+(a) validation accuracy against the step, (b) test accuracy with its 95% CI, (c) accuracy
+against the missing rate of each modality (when eval.json holds ``missing_sweep``).
+
+A row's band or whisker is the 95% CI of the mean over its seeds (1.96 std / sqrt(n)), or the
+single run's own CI. matplotlib is an optional extra (``pip install "metamm[plot]"``), imported
+here only, drawing with the Agg backend (no display, no global pyplot state).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from metamm_cli import ConfigError
+
+NEEDS = '--plot needs matplotlib: pip install "metamm[plot]"'
+
+
+def check_matplotlib() -> None:
+    """A one-line ConfigError when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(NEEDS) from e
+
+
+def row_label(row: Dict) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "all runs"
+    return text + (f" (n={row['n']})" if row["n"] > 1 else "")
+
+
+def mean_band(points: Sequence[Tuple[float, Optional[float]]]) -> Tuple[float, float]:
+    """(mean, half-width): the 95% CI of the mean over seeds, or one run's own CI (0 if none)."""
+    values = [v for v, _ in points]
+    if len(values) > 1:
+        return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    return values[0], points[0][1] or 0.0
+
+
+def curve(series: List[Dict[float, Tuple[float, Optional[float]]]]):
+    """Per-run {x: (value, ci)} -> x, mean, band over the runs that have each x."""
+    xs = sorted({x for s in series for x in s})
+    stats = [mean_band([s[x] for s in series if x in s]) for x in xs]
+    return xs, [m for m, _ in stats], [b for _, b in stats]
+
+
+def val_curves(ax, rows: List[Dict], colors) -> None:
+    for i, row in enumerate(rows):
+        series = [{h["step"]: (h["val_acc"], h.get("val_acc_ci95")) for h in run["history"]
+                   if h.get("step") is not None and h.get("val_acc") is not None} for run in row["runs"]]
+        series = [s for s in series if s]
+        if not series:
+            continue
+        xs, mean, band = curve(series)
+        color = colors[i % len(colors)]
+        ax.plot(xs, mean, marker="o", markersize=3, color=color, label=row_label(row))
+        ax.fill_between(xs, [m - b for m, b in zip(mean, band)], [m + b for m, b in zip(mean, band)],
+                        color=color, alpha=0.2, linewidth=0)
+    ax.set_title("(a) validation accuracy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes)
+
+
+def accuracy_bars(ax, rows: List[Dict], colors) -> None:
+    metrics = [m for m in rows[0]["metrics"] if m == "test" or m.startswith("test:")]
+    metrics = [m for m in metrics if any(r["metrics"][m]["n"] for r in rows)]
+    if not metrics:
+        ax.text(0.5, 0.5, "not evaluated on the test split\n(metamm compare --eval)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        ax.set_title("(b) test accuracy")
+        return
+    height = 0.8 / len(metrics)
+    for j, m in enumerate(metrics):
+        ys, means, errs = [], [], []
+        for i, row in enumerate(rows):
+            stat = row["metrics"][m]
+            if stat["n"]:
+                ys.append(i - 0.4 + height * (j + 0.5))
+                means.append(stat["mean"])
+                errs.append(stat["ci95"] or 0.0)
+        color = ([colors[i % len(colors)] for i, r in enumerate(rows) if r["metrics"][m]["n"]] if len(metrics) == 1
+                 else colors[j % len(colors)])  # one metric: the rows' colours of (a)
+        ax.barh(ys, means, height=height, xerr=errs, capsize=3, color=color, alpha=0.85, label=m.replace(":", " "))
+    ax.set_yticks(range(len(rows)), [row_label(r) for r in rows], fontsize="small")
+    ax.invert_yaxis()  # the table's best-first order, top down
+    ax.set_xlabel("accuracy (%) with 95% CI")
+    ax.set_title("(b) test accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    if len(metrics) > 1:  # below the axes: never over a bar
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(4, len(metrics)))
+
+
+def missing_sweep(run: Dict) -> Dict[str, list]:
+    """The run's ``missing_sweep`` curves: from eval.json, else the first eval-NAME.json with one."""
+    for name in sorted(run["tests"]):  # "" (eval.json) sorts first
+        sweep = (run["tests"][name] or {}).get("missing_sweep")
+        if sweep:
+            return sweep
+    return {}
+
+
+def sweep_modalities(rows: List[Dict]) -> List[str]:
+    return list(dict.fromkeys(m for row in rows for run in row["runs"] for m in missing_sweep(run)))
+
+
+def robustness(ax, rows: List[Dict], modality: str, colors) -> None:
+    for i, row in enumerate(rows):
+        series = []
+        for run in row["runs"]:
+            points = missing_sweep(run).get(modality) or []
+            series.append({p["rate"]: (p["accuracy"], p.get("ci95")) for p in points if p.get("accuracy") is not None})
+        series = [s for s in series if s]
+        if not series:
+            continue
+        xs, mean, band = curve(series)
+        color = colors[i % len(colors)]
+        ax.errorbar(xs, mean, yerr=band, marker="o", markersize=3, capsize=3, color=color, label=row_label(row))
+    ax.set_title(f"(c) {modality} missing")
+    ax.set_xlabel(f"rate of samples without {modality}")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+
+
+def plot(rows: List[Dict], path: Path) -> Path:
+    """Draw the rows of compare.table into ``path`` (PNG, or any format matplotlib writes)."""
+    check_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ConfigError("--plot: no runs to draw")
+    modalities = sweep_modalities(rows)
+    panels = 2 + len(modalities)
+    ncols = min(3, panels)
+    nrows = math.ceil(panels / ncols)
+    fig = Figure(figsize=(6 * ncols, 4.5 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    colors = [f"C{i}" for i in range(10)]
+    val_curves(axes[0], rows, colors)
+    accuracy_bars(axes[1], rows, colors)
+    for ax, modality in zip(axes[2:], modalities):
+        robustness(ax, rows, modality, colors)
+    if modalities:
+        axes[2].legend(fontsize="small")
+    for ax in axes[panels:]:
+        ax.set_axis_off()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=100)
+    except ValueError as e:  # an unknown extension
+        raise ConfigError(f"--plot {path}: {e}") from e
+    return path
