@@ -40,9 +40,9 @@ def clean_orphans(folder: Path) -> List[Path]:
     gone, host = [], _host()
     for tmp in Path(folder).glob(".*.tmp"):
         parts = tmp.name.split(".")  # '', NAME..., HOST, PID, random, 'tmp'
-        pid = int(parts[-3]) if len(parts) >= 5 and parts[-3].isdigit() else None
-        if pid is None or parts[-4] != host or pid == os.getpid() or alive(pid):
-            continue
+        pid = int(parts[-3]) if len(parts) >= 6 and parts[-3].isdigit() else None
+        if pid is not None and (parts[-4] != host or pid == os.getpid() or alive(pid)):
+            continue  # a writer that may be alive (no pid: an older metamm's, whose writer is gone)
         tmp.unlink(missing_ok=True)
         gone.append(tmp)
     return gone

@@ -329,6 +329,9 @@ def cmd_data(argv: List[str]) -> int:
               "Prints each split's classes, samples and modality presence, and checks that the\n"
               "episode (way, shot + query) fits every split.")
         return 0
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)  # progress lines
     register_schemas()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=argv)

@@ -72,8 +72,10 @@ def job_identity(task_name: str) -> Dict[str, Any]:
     except (ImportError, ValueError):
         return {}
     choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra")}
+    from metamm_cli.config import job_dirname
+
     name = hc.job.override_dirname or task_name
-    return {"choices": choices, "tb": name.replace("/", "_")}
+    return {"choices": choices, "tb": job_dirname(name.replace("/", "_"))}
 
 
 def _git(where: Path, *args: str) -> Optional[str]:

@@ -188,11 +188,11 @@ def stop_now(run: Run, signum: int) -> None:
     name = signal.Signals(signum).name
     if run.world is None or run.world.main:
         write_metrics(run, None, interrupted=name)
-        how = resume_command(run.run_dir)
-        if sweep_job():  # the whole sweep: its folder, the same command line, trainer.resume
-            how += f"; the whole sweep: add 'trainer.resume={hydra_quote(run.run_dir.parent)}' to the sweep's command"
         log.warning(f"{name} at step {run.state.step}: checkpoint saved to {run.ckpt_dir / 'last.pt'}; "
-                    f"resume with: {how}")
+                    f"resume with: {resume_command(run.run_dir)}")
+        if sweep_job():  # the whole sweep: its folder, the same command line, trainer.resume
+            log.warning(f"continue the whole sweep: its command with "
+                        f"'trainer.resume={hydra_quote(run.run_dir.parent.resolve())}' added")
     if run.world is not None:
         barrier(run.world)
     raise SystemExit(128 + signum)

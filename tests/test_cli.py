@@ -28,15 +28,16 @@ def test_train_writes_run_folder(smoke_run):
 
 
 def test_tensorboard_scalars_and_hparams(smoke_run):
-    acc = EventAccumulator(str(smoke_run["run_dir"] / "tb"))
+    tb = smoke_run["run_dir"] / "tb" / "smoke"  # TensorBoard's run name: the overrides, else the task
+    acc = EventAccumulator(str(tb))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/acc", "val/acc", "val/acc_ci95", "episodes_per_s"} <= tags
     assert [e.step for e in acc.Scalars("val/acc")] == [4, 8]
-    # add_hparams wrote into the run's own tb/ folder (no timestamped sub-folder)
-    events = list((smoke_run["run_dir"] / "tb").glob("events.out.tfevents.*"))
-    assert len(events) >= 2 and not [p for p in (smoke_run["run_dir"] / "tb").iterdir() if p.is_dir()]
-    hp = EventAccumulator(str(smoke_run["run_dir"] / "tb"))
+    # add_hparams wrote into the run's own folder (no timestamped sub-folder)
+    events = list(tb.glob("events.out.tfevents.*"))
+    assert len(events) >= 2 and not [p for p in tb.iterdir() if p.is_dir()]
+    hp = EventAccumulator(str(tb))
     hp.Reload()
     assert "hparam/val_acc" in hp.Tags()["scalars"]
 
@@ -102,13 +103,15 @@ def test_multirun_three_jobs(tmp_path):
     sweeps = list((tmp_path / "outputs" / "smoke" / "multiruns").iterdir())
     assert len(sweeps) == 1
     jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [j.split(",")[0] for j in jobs] == ["0_fusion=concat", "1_fusion=attention",
-                                               "2_fusion=weighted"], proc.stdout
+    assert [j.split(",")[0] for j in jobs] == ["0000_fusion=concat", "0001_fusion=attention",
+                                               "0002_fusion=weighted"], proc.stdout  # sorted
     for job in jobs:
         assert (sweeps[0] / job / "metrics.json").is_file()
-        assert list((sweeps[0] / job / "tb").glob("events.out.tfevents.*"))
+        assert list((sweeps[0] / job / "tb").glob("*/events.out.tfevents.*"))
     summary = (sweeps[0] / "summary.md").read_text()  # the sweep-end table, one row per setting
-    assert summary.count("fusion=") == 3 and "val acc" in summary
+    rows = [ln for ln in summary.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert sorted(r.split("|")[1].strip() for r in rows) == ["attention", "concat", "weighted"]
+    assert "best val" in summary
     assert "sweep summary" in proc.stdout
     configs = [(sweeps[0] / j / ".hydra" / "config.yaml").read_text() for j in jobs]
     assert [c.count("models.fusion.") for c in configs] == [1, 1, 1]
@@ -155,4 +158,4 @@ def test_sweep_preset(tmp_path):
                 "trainer.max_steps=1", "trainer.val_every=1", "trainer.val_episodes=2"], tmp_path)
     sweep = next((tmp_path / "outputs" / "smoke" / "multiruns").iterdir())
     jobs = sorted(p.name.split(",")[0] for p in sweep.iterdir() if (p / "metrics.json").is_file())
-    assert jobs == ["0_fusion=concat", "1_fusion=attention", "2_fusion=weighted", "3_fusion=gated"]
+    assert jobs == ["0000_fusion=concat", "0001_fusion=attention", "0002_fusion=weighted", "0003_fusion=gated"]

@@ -58,7 +58,9 @@ def finish(proc):
 
 
 def scalars(run, tag):
-    acc = EventAccumulator(str(run / "tb"))
+    from metamm_cli.record import tb_folder
+
+    acc = EventAccumulator(str(tb_folder(run)))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 

@@ -76,7 +76,7 @@ def slurm():
 
 def test_submitit_slurm_sweep_on_a_real_cluster(tmp_path, slurm):
     run_metamm(["train", "-m", *SMOKE, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
-                "hydra.launcher.timeout_min=10", "seed=0,1", *FAST], tmp_path)
+                "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", "seed=0,1", *FAST], tmp_path)
     sweep, folders = jobs(tmp_path)
     assert len(folders) == 2 and all(metrics(f)["step"] == 8 for f in folders)
     assert list((sweep / ".submitit").rglob("*_log.out"))  # Slurm ran them
