@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import random
 import re
 from typing import Any, Optional
@@ -22,7 +23,6 @@ def enum_name(value: Any) -> str:
 def busy_cpus(seconds: float = 0.2) -> float:
     """How many CPUs other work keeps busy right now: the non-idle share of ``/proc/stat`` over
     ``seconds`` times the CPU count (Linux), else the 1-minute load average."""
-    import os
     import time
 
     def sample():
@@ -46,7 +46,6 @@ def auto_threads() -> int:
     ``SLURM_CPUS_PER_TASK`` when set, else the CPUs this process may use less the ones other
     work keeps busy (:func:`busy_cpus`), at least 1. On a shared 2-core machine under load this
     is 1: torch's default (every core) trains several times slower there (README, Speed)."""
-    import os
 
     for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
         value = os.environ.get(var, "")
@@ -59,8 +58,12 @@ def auto_threads() -> int:
     return max(1, min(cpus, cpus - int(busy_cpus() + 0.5)))
 
 
-def set_threads(threads: Any) -> int:
-    """``trainer.threads``: torch's intra-op CPU threads (null: :func:`auto_threads`)."""
+def set_threads(threads: Any, deterministic: bool = False) -> int:
+    """``trainer.threads``: torch's intra-op CPU threads (null: :func:`auto_threads`; with
+    ``trainer.deterministic`` every CPU this process may use, a count that does not change with
+    the machine's load: another thread count sums in another order)."""
+    if threads is None and deterministic:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n = auto_threads() if threads is None else int(threads)
     if n < 1:
         raise ConfigError(f"trainer.threads={threads} is out of range: must be null (auto) or >= 1")
@@ -119,10 +122,10 @@ def seed_everything(seed: int) -> None:
 
 def make_deterministic(on: bool) -> None:
     """``trainer.deterministic``: deterministic kernels (an error where none exists), no cuDNN
-    autotuning; with it, an interrupted and resumed run ends bit-identical to an uninterrupted one."""
-    import os
-
-    torch.use_deterministic_algorithms(bool(on), warn_only=False)
+    autotuning; with it, an interrupted and resumed run ends bit-identical to an uninterrupted one.
+    (torch's switch imports its compiler stack, a second of start-up: only called to change it.)"""
+    if torch.are_deterministic_algorithms_enabled() != bool(on):
+        torch.use_deterministic_algorithms(bool(on), warn_only=False)
     torch.backends.cudnn.benchmark = not on
     torch.backends.cudnn.deterministic = bool(on)
     if on:

@@ -67,7 +67,7 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     device = resolve_device(T.device, job)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    threads = set_threads(T.threads if T.threads is not None else share)
+    threads = set_threads(T.threads if T.threads is not None else share, T.deterministic)
     if w.size > T.meta_batch:
         raise ConfigError(f"trainer.meta_batch={T.meta_batch}: {w.size} processes train together, each "
                           f"needs at least one task of the meta-batch; raise it to >= {w.size}")

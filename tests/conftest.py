@@ -31,6 +31,22 @@ def run_metamm(args, cwd, env=None, check=True):
     return proc
 
 
+def run_cli(argv, monkeypatch, capsys, cwd):
+    """`metamm ARGV` in-process (the CLI's own entry point, without a Python start-up): (exit
+    code, stdout, stderr)."""
+    from metamm_cli import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored afterwards (main sets it to 1)
+    monkeypatch.setattr("sys.argv", ["metamm"])
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def run_dir_of(proc) -> Path:
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("run directory: "))
     return Path(line.split(": ", 1)[1])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, run_cli
 
 from omegaconf import OmegaConf
 
@@ -98,19 +98,6 @@ def paths(tmp_path_factory):
     (out["confdir"] / "exp" / "broken.yaml").write_text("# @package _global_\ntask_name: broken\n"
                                                         "episode: {way: [3, 4}\n")
     return out
-
-
-def run_cli(argv, monkeypatch, capsys, cwd):
-    """`metamm ARGV` in-process: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored afterwards (main sets it to 1)
-    monkeypatch.setattr("sys.argv", ["metamm"])
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def digest(paths):

@@ -81,7 +81,7 @@ def test_eval_is_reproducible(smoke_run):
 
 def test_resume_continues_exactly(tmp_path):
     """8 steps + resume to 12 == 12 steps straight (weights equal: RNG and sampler restored)."""
-    base = ["train", *SMOKE, "trainer.val_every=100", "trainer.ckpt_every=100"]
+    base = ["train", *SMOKE, "trainer.val_every=100", "trainer.ckpt_every=100", "trainer.threads=1"]
     first = run_dir_of(run_metamm(base, tmp_path))
     resumed = run_metamm(base + ["trainer.max_steps=12", f"trainer.resume={first}"], tmp_path)
     assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout

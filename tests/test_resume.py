@@ -76,14 +76,15 @@ def test_killed_at_any_moment_resumes_bit_identical(tmp_path):
     wait_for(lambda: ckpts() and (ckpts()[0] / "last.pt").exists() and list(ckpts()[0].glob(".last.pt.*.tmp")))
     p.kill()
     p.wait()
+    killed = p.pid
     run = ckpts()[0].parent
-    assert list(run.glob("checkpoints/.last.pt.*.tmp")) and (run / RUNNING).exists()  # debris of the kill
+    assert list(run.glob(f"checkpoints/.last.pt.*.{killed}.*.tmp")) and (run / RUNNING).exists()  # debris
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 5  # the old one, whole
     # 2. SIGKILL at an arbitrary moment (right after step 6's validation line)
     p = start(RESUME, cwd)
     out = read_until(p, "step 6:")
     assert "resumed from" in out and "at step 5" in out and "step 6:" in out, out
-    assert not list(run.glob("checkpoints/.*.tmp"))  # the orphan is gone
+    assert not list(run.glob(f"checkpoints/.*.{killed}.*.tmp"))  # the dead writer's orphan is gone
     assert running_pid(run) == p.pid
     with pytest.raises(ConfigError, match="stopped run"):  # resume=true never picks a running run
         find_resume(True, cwd / "outputs" / "smoke")

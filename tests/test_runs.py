@@ -144,16 +144,16 @@ def test_resume_true_that_finds_nothing_lists_other_tasks(tmp_path):
 
 
 def _limit_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
 
 def test_out_of_memory_is_one_line_and_leaves_no_folder(tmp_path):
-    proc = subprocess.run(METAMM + ["train", "+exp=smoke", "trainer.meta_batch=200000", "trainer.threads=1"],
+    proc = subprocess.run(METAMM + ["train", "+exp=smoke", "trainer.meta_batch=20000", "trainer.threads=1"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=HANG_GUARD,
                           preexec_fn=_limit_memory)
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert "out of memory" in err and "trainer.meta_batch (200000)" in err and "trainer.task_chunk" in err, err
+    assert "out of memory" in err and "trainer.meta_batch (20000)" in err and "trainer.task_chunk" in err, err
     assert not list(tmp_path.glob("outputs/smoke/runs/*"))
 
 
