@@ -1,15 +1,20 @@
-"""Every algorithm's training step, side by side in one process, plus a per-task-loop MAML
-baseline (learn2learn's clone-and-adapt pattern, ``meta_loss_loop``).
+"""Every algorithm's training step against the per-task loop a researcher would write, side by
+side in one process: metamm's step (``execution=auto``: what it picks on this device) and
 
-    python scripts/bench_algorithms.py [--small] [--tasks 32] [--repeats 10] [--amp bf16]
-                                       [--only a,b] [key=value ...]
+- for the optimization-based algorithms, learn2learn's clone-and-adapt loop over tasks
+  (``meta_loss_loop``: ``torch.autograd.grad(create_graph=True)`` per task);
+- for the others, easyfsl's loop: one episode at a time through the same model, forward and
+  backward per episode, the gradients accumulated.
+
+    python scripts/bench_algorithms.py [--device cpu] [--small] [--tasks 8] [--repeats 5]
+                                       [--amp bf16] [--only maml,protonet] [key=value ...]
 
 Setting (the issue's): conv4 (64 channels) on 28x28 single-channel images (the synthetic set's
-image modality alone), 5-way 1-shot 15-query, meta-batch 32; the optimization-based rows at one
-inner step and at five. A step = forward + backward + Adam step of one meta-batch, timed after
-a warm-up, rows interleaved round-robin (fair on a shared machine), median of ``--repeats``.
-Prints JSON: tasks/s, step time, peak CUDA memory, device, settings. ``--small``: meta-batch 4,
-3 repeats, 16 channels (CI-friendly on CPU).
+image modality alone), 5-way 1-shot 15-query; the optimization-based rows at one inner step (and
+five with ``--inner 1 5``). A step = forward + backward + Adam step of one meta-batch, timed
+after a warm-up, rows interleaved round-robin (fair on a shared machine), median of
+``--repeats``. Prints JSON: per algorithm metamm's and the loop's step time, their ratio, the
+execution metamm chose, tasks/s, peak CUDA memory, device, settings. ``--small``: 16 channels.
 """
 from __future__ import annotations
 
@@ -19,11 +24,11 @@ import time
 
 import torch
 from _common import compose_config, measure
-from hydra.utils import instantiate
 
 from metamm_cli.algorithms import build_algorithm
 from metamm_cli.algorithms.functional import resolve_execution
-from metamm_cli.algorithms.maml import meta_loss_loop
+from metamm_cli.algorithms.maml import MAML, meta_loss_loop
+from metamm_cli.data.base import build_dataset
 from metamm_cli.data.episodes import EpisodeSampler
 from metamm_cli.device import autocast_for, resolve_device
 
@@ -31,73 +36,82 @@ OPTIMIZATION = ("maml", "fomaml", "anil", "metasgd", "reptile")
 OTHERS = ("protonet", "matching", "relation", "siamese", "gnn", "hypernet", "finetune")
 
 
-def rows(small: bool):
-    out = {}
-    for name in OPTIMIZATION:
-        for steps in (1, 5):
-            out[f"{name}[steps={steps}]"] = ([f"algorithm={name}", f"algorithm.inner_steps={steps}"], False)
-    for execution in ("vmap", "loop"):  # what execution=auto chooses between
-        out[f"maml[steps=1,execution={execution}]"] = (["algorithm=maml", f"algorithm.execution={execution}"], False)
-    for name in OTHERS:
-        out[name] = ([f"algorithm={name}"], False)
-    out["maml_l2l_loop[steps=1]"] = (["algorithm=maml", "algorithm.inner_steps=1"], True)
-    out["maml_l2l_loop[steps=5]"] = (["algorithm=maml", "algorithm.inner_steps=5"], True)
-    return out
+def execution_of(algo, device) -> str:
+    if isinstance(algo, MAML):
+        return resolve_execution(algo.execution, device)
+    return "loop" if getattr(algo, "looped", lambda d: False)(device) else "batch"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--tasks", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--inner", type=int, nargs="+", default=[1])
     ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    ap.add_argument("--only", default=None, help="comma-separated row names")
+    ap.add_argument("--only", default=None, help="comma-separated algorithm names")
     args, overrides = ap.parse_known_args()
-    tasks = args.tasks or (4 if args.small else 32)
-    repeats = args.repeats or (3 if args.small else 10)
     width = 16 if args.small else 64
-    base = ["dataset.modalities=[image]", "dataset.image_size=28", "encoder/image=conv4",
-            f"encoder.dim={width}", f"encoder.image.hidden={width}", "episode.way=5", "episode.shot=1",
-            "episode.query=15", f"trainer.meta_batch={tasks}", f"trainer.amp={args.amp}"]
-    table = rows(args.small)
-    if args.only:
-        table = {k: v for k, v in table.items() if k in args.only.split(",")}
-        if not table:
-            raise SystemExit(f"--only {args.only}: no such row; rows: {', '.join(rows(args.small))}")
-    built = {}
-    for name, (ov, l2l) in table.items():
-        cfg = compose_config([*base, *ov, *overrides])
-        device = resolve_device(cfg.trainer.device)
-        torch.manual_seed(0)
-        dataset = instantiate(cfg.dataset, _convert_="all")
-        E = cfg.episode
-        episode = EpisodeSampler(dataset.split("train", device), E.way, E.shot, E.query, tasks).sample()
-        algo = build_algorithm(cfg, dataset).to(device).train()
-        opt = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad], lr=1e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-        autocast = autocast_for(device, args.amp)
+    base = ["dataset.modalities=[image]", "dataset.image_size=28", "encoder/image=conv4", f"encoder.dim={width}",
+            f"encoder.image.hidden={width}", "episode.way=5", "episode.shot=1", "episode.query=15",
+            f"trainer.meta_batch={args.tasks}", f"trainer.amp={args.amp}", f"trainer.device={args.device}"]
+    names = [a for a in (*OPTIMIZATION, *OTHERS) if not args.only or a in args.only.split(",")]
+    steps, built = {}, {}
+    for name in names:
+        for inner in (args.inner if name in OPTIMIZATION else [None]):
+            extra = [f"algorithm={name}"] + ([f"algorithm.inner_steps={inner}"] if inner else [])
+            label = f"{name}[steps={inner}]" if inner else name
+            cfg = compose_config([*base, *extra, *overrides])
+            device = resolve_device(cfg.trainer.device)
+            torch.manual_seed(0)
+            dataset = build_dataset(cfg.dataset)
+            E = cfg.episode
+            episode = EpisodeSampler(dataset.split("train", device), E.way, E.shot, E.query, args.tasks).sample()
+            autocast = autocast_for(device, args.amp)
+            for kind in ("metamm", "loop"):
+                # the loop baseline calls the model one task at a time: embed it in one call per task
+                cfg_k = compose_config([*base, *extra, *overrides] + (
+                    ["algorithm.execution=batch"] if kind == "loop" and name in OTHERS else []))
+                torch.manual_seed(0)
+                algo = build_algorithm(cfg_k, dataset).to(device).train()
+                opt = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad], lr=1e-4)
+                scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
-        def step(algo=algo, opt=opt, episode=episode, autocast=autocast, scaler=scaler, l2l=l2l):
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = meta_loss_loop(algo, episode) if l2l else algo(episode)[0]
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        execution = getattr(algo, "execution", None)
-        built[name] = (step, "l2l loop" if l2l else execution and resolve_execution(execution, device))
-    timed = measure({k: step for k, (step, _) in built.items()}, device, repeats, warmup=2)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "settings": {"tasks_per_step": tasks, "episode": "5-way 1-shot 15-query",
+                def step(algo=algo, opt=opt, kind=kind, scaler=scaler, autocast=autocast, name=name):
+                    opt.zero_grad(set_to_none=True)
+                    if kind == "metamm":
+                        with autocast():
+                            loss = algo(episode)[0]
+                        scaler.scale(loss).backward()
+                    elif name in OPTIMIZATION and name != "reptile":
+                        with autocast():
+                            loss = meta_loss_loop(algo, episode)
+                        scaler.scale(loss).backward()
+                    else:  # easyfsl: episode by episode, backward each
+                        for t in range(episode.num_tasks):
+                            with autocast():
+                                loss = algo(episode.tasks(t, t + 1))[0] / episode.num_tasks
+                            scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                steps[f"{label}/{kind}"] = step
+                built[f"{label}/{kind}"] = execution_of(algo, device) if kind == "metamm" else (
+                    "learn2learn loop" if name in OPTIMIZATION and name != "reptile" else "per-episode loop")
+    timed = measure(steps, device, args.repeats, warmup=2)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "settings": {"tasks_per_step": args.tasks, "episode": "5-way 1-shot 15-query",
                            "encoder": f"conv4, {width} channels, 28x28x1", "amp": args.amp,
-                           "repeats": repeats, "small": args.small, "overrides": overrides},
-              "date": time.strftime("%Y-%m-%d"), "rows": {}}
-    for name, t in timed.items():
-        ms = t["step_ms"]
-        result["rows"][name] = {"step_ms": round(ms, 2), "tasks_per_s": round(tasks / (ms / 1000), 1),
-                                "peak_mem_mib": t["peak_mem_mib"] and round(t["peak_mem_mib"], 1),
-                                "execution": built[name][1]}
+                           "repeats": args.repeats, "overrides": overrides}, "rows": {}}
+    for label in dict.fromkeys(k.rsplit("/", 1)[0] for k in steps):
+        mine, loop = timed[f"{label}/metamm"], timed[f"{label}/loop"]
+        result["rows"][label] = {
+            "metamm_ms": round(mine["step_ms"], 2), "metamm_execution": built[f"{label}/metamm"],
+            "loop_ms": round(loop["step_ms"], 2), "loop": built[f"{label}/loop"],
+            "metamm_over_loop": round(mine["step_ms"] / loop["step_ms"], 3),
+            "metamm_tasks_per_s": round(args.tasks / (mine["step_ms"] / 1000), 1),
+            "metamm_peak_mem_mib": mine["peak_mem_mib"] and round(mine["peak_mem_mib"], 1)}
     print(json.dumps(result, indent=2))
 
 

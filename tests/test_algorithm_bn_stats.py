@@ -32,9 +32,10 @@ def assert_same_running_stats(a, b, rtol=1e-12, atol=1e-14):
         torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=k)
 
 
-def pair(*overrides, tasks=3, double=True):
-    """The algorithm with ``bn_stats=task`` and the same weights under ``bn_stats=batch``."""
-    algo, ep = setup(*overrides, BN_MODALITIES, tasks=tasks, double=double)
+def pair(*overrides, tasks=3, double=True, execution="batch"):
+    """The algorithm with ``bn_stats=task`` (embedding the meta-batch in one call, or with
+    ``execution=loop`` one task at a time) and the same weights under ``bn_stats=batch``."""
+    algo, ep = setup(*overrides, BN_MODALITIES, f"algorithm.execution={execution}", tasks=tasks, double=double)
     ref, _ = setup(*overrides, BN_MODALITIES, "algorithm.bn_stats=batch", tasks=tasks, double=double)
     ref.load_state_dict(algo.state_dict())  # same state-dict keys in both modes
     assert algo.bn_stats == "task" and ref.bn_stats == "batch"
@@ -42,12 +43,14 @@ def pair(*overrides, tasks=3, double=True):
     return algo.train(), ref.train(), ep
 
 
+@pytest.mark.parametrize("execution", ["batch", "loop"])
 @pytest.mark.parametrize("algorithm, extra", [(a, ()) for a in METRIC] + [("protonet", ("fusion=am3",))])
-def test_task_statistics_equal_one_task_at_a_time(algorithm, extra):
-    """One call on T tasks == T calls of torch's BatchNorm, one task each: logits, loss (the mean
-    of the per-task losses), gradients of every parameter, running statistics."""
+def test_task_statistics_equal_one_task_at_a_time(algorithm, extra, execution):
+    """One call on T tasks (``execution=batch``), or the loop over tasks (``loop``, what ``auto``
+    picks on the CPU) == T calls of torch's BatchNorm, one task each: logits, loss (the mean of
+    the per-task losses), gradients of every parameter, running statistics."""
     # am3's episode_logits casts the features to float32 (fusion.py): float32 there
-    algo, ref, ep = pair(f"algorithm={algorithm}", *extra, double=not extra)
+    algo, ref, ep = pair(f"algorithm={algorithm}", *extra, double=not extra, execution=execution)
     loss, logits = algo(ep)
     outs = [ref(ep.tasks(t, t + 1)) for t in range(ep.num_tasks)]
     tol = dict(rtol=1e-5, atol=1e-5) if extra else dict(rtol=1e-10, atol=1e-12)

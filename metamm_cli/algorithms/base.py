@@ -10,6 +10,8 @@ from torch import nn
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms.functional import BN_STATS, task_groups, task_norms, upcast
+
+EXECUTIONS = ("auto", "batch", "loop")
 from metamm_cli.data.episodes import Episode
 from metamm_cli.models.net import MultimodalNet
 
@@ -28,14 +30,23 @@ class MetaAlgorithm(nn.Module):
     embedded one after another, as the papers train (one episode per forward); ``batch`` uses
     the statistics of the whole meta-batch (every task at once). Eval mode: running statistics
     either way. The MAML family normalises per task regardless (functional norms).
+
+    ``execution`` (how a meta-batch is embedded): ``batch``, every task in one call; ``loop``,
+    one call per task (the same values with ``bn_stats=task``: each task is normalised on its
+    own either way); ``auto``, the loop on the CPU, where a 600-image batch falls out of cache
+    and runs slower than the same work task by task (scripts/bench_algorithms.py), one call on
+    GPUs. ``bn_stats=batch`` always embeds in one call.
     """
 
     def __init__(self, model: MultimodalNet, way: int, num_classes: Optional[int] = None,
-                 bn_stats: str = "task"):
+                 bn_stats: str = "task", execution: str = "auto"):
         super().__init__()
         if bn_stats not in BN_STATS:
             raise ConfigError(f"algorithm.bn_stats={bn_stats}: must be one of {', '.join(BN_STATS)}")
+        if execution not in EXECUTIONS:
+            raise ConfigError(f"algorithm.execution={execution}: must be one of {', '.join(EXECUTIONS)}")
         self.model, self.way, self.num_classes, self.bn_stats = model, way, num_classes, bn_stats
+        self.execution = execution
         if bn_stats == "task":
             task_norms(model)
 
@@ -47,10 +58,20 @@ class MetaAlgorithm(nn.Module):
         (``bn_stats=task``; a no-op for ``batch``)."""
         return task_groups(self.model, tasks) if self.bn_stats == "task" else contextlib.nullcontext()
 
+    def looped(self, device: torch.device) -> bool:
+        """Whether a meta-batch is embedded one task at a time (``execution``)."""
+        if self.bn_stats != "task" or self.execution == "batch":
+            return False
+        return self.execution == "loop" or device.type == "cpu"
+
     def embed(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
-        """Embed ``[*lead, ...]`` inputs of any leading shape in one call -> ``[*lead, D]``; with
-        two or more leading dims the first is tasks (BatchNorm statistics per task, ``bn_stats``)."""
+        """Embed ``[*lead, ...]`` inputs of any leading shape -> ``[*lead, D]``; with two or more
+        leading dims the first is tasks (BatchNorm statistics per task, ``bn_stats``), embedded
+        in one call or one task at a time (``execution``)."""
         lead = present.shape[:-1]
+        if len(lead) > 1 and self.looped(present.device):
+            return torch.stack([self.embed({m: x[t] for m, x in inputs.items()}, present[t])
+                                for t in range(lead[0])])
         flat = {m: x.reshape(-1, *x.shape[len(lead):]) for m, x in inputs.items()}
         with self.task_groups(lead[0] if len(lead) > 1 else 1):
             z = self.model(flat, present.reshape(-1, present.shape[-1]))

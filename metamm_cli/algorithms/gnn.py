@@ -72,8 +72,9 @@ class GNN(MetaAlgorithm):
     fixed by training."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, layers: int = 2,
-                 hidden: int = 48, edge_hidden: int = 64, bn_stats: str = "task"):
-        super().__init__(model, way, num_classes, bn_stats)
+                 hidden: int = 48, edge_hidden: int = 64, bn_stats: str = "task",
+                 execution: str = "auto"):
+        super().__init__(model, way, num_classes, bn_stats, execution)
         if layers < 1 or hidden < 1 or edge_hidden < 1:
             raise ConfigError(f"algorithm.layers={layers}, hidden={hidden}, edge_hidden={edge_hidden}: "
                               f"each must be >= 1")

@@ -24,8 +24,9 @@ class HyperNet(MetaAlgorithm):
     learned temperature. No inner gradient steps; any way at test time."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, hidden: int = 128,
-                 temperature: float = 10.0, bn_stats: str = "task"):
-        super().__init__(model, way, num_classes, bn_stats)
+                 temperature: float = 10.0, bn_stats: str = "task",
+                 execution: str = "auto"):
+        super().__init__(model, way, num_classes, bn_stats, execution)
         if hidden < 1 or not temperature > 0:
             raise ConfigError(f"algorithm.hidden={hidden} must be >= 1 and algorithm.temperature="
                               f"{temperature} > 0")

@@ -52,8 +52,9 @@ class MatchingNet(MetaAlgorithm):
     ``scale`` multiplies the cosine before the softmax (1 in the paper). Any way at test time."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, fce: bool = False,
-                 fce_steps: int = 5, scale: float = 1.0, bn_stats: str = "task"):
-        super().__init__(model, way, num_classes, bn_stats)
+                 fce_steps: int = 5, scale: float = 1.0, bn_stats: str = "task",
+                 execution: str = "auto"):
+        super().__init__(model, way, num_classes, bn_stats, execution)
         if fce_steps < 1:
             raise ConfigError(f"algorithm.fce_steps={fce_steps} is out of range: must be >= 1")
         if not scale > 0:

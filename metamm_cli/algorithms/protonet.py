@@ -50,8 +50,9 @@ class ProtoNet(MetaAlgorithm):
     prototype_fusion = True  # prototype-level fusions (am3, late) build the logits from scores()
 
     def __init__(self, model, way, num_classes: Optional[int] = None,
-                 distance: str = "sq_euclidean", temperature: float = 10.0, bn_stats: str = "task"):
-        super().__init__(model, way, num_classes, bn_stats)
+                 distance: str = "sq_euclidean", temperature: float = 10.0, bn_stats: str = "task",
+                 execution: str = "auto"):
+        super().__init__(model, way, num_classes, bn_stats, execution)
         if distance not in DISTANCES:
             raise ConfigError(f"algorithm.distance={distance}: must be one of {', '.join(DISTANCES)}")
         if not temperature > 0:

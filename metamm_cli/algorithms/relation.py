@@ -31,8 +31,9 @@ class RelationNet(MetaAlgorithm):
     fusion's output), so the module is an MLP (the paper: two conv blocks then FC 8 -> 1)."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, hidden: int = 8,
-                 loss: str = "mse", bn_stats: str = "task"):
-        super().__init__(model, way, num_classes, bn_stats)
+                 loss: str = "mse", bn_stats: str = "task",
+                 execution: str = "auto"):
+        super().__init__(model, way, num_classes, bn_stats, execution)
         if loss not in ("mse", "ce"):
             raise ConfigError(f"algorithm.loss={loss}: must be mse or ce")
         if hidden < 1:

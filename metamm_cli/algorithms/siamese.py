@@ -26,8 +26,9 @@ class Siamese(MetaAlgorithm):
     K > 1 shots, a class scores the maximum over its supports (the one-shot rule applied to
     every shot). Any way at test time."""
 
-    def __init__(self, model, way, num_classes: Optional[int] = None, bn_stats: str = "task"):
-        super().__init__(model, way, num_classes, bn_stats)
+    def __init__(self, model, way, num_classes: Optional[int] = None, bn_stats: str = "task",
+                 execution: str = "auto"):
+        super().__init__(model, way, num_classes, bn_stats, execution)
         self.alpha = nn.Parameter(torch.full((model.out_dim,), -1.0 / model.out_dim))
         self.bias = nn.Parameter(torch.zeros(()))
 
