@@ -31,9 +31,13 @@ SEED = "seed"
 # Accuracy metrics (percent, shown with ± std or the run's CI) then plain numbers; "test:NAME" per eval set.
 ACC_METRICS = ("best_val", "final_val", "test")
 PLAIN_METRICS = ("steps", "wall_time_s", "episodes_per_s")
+# Runs of a preset that records its paper's result (preset.paper.accuracy): that number, and the
+# wall time of the first validation at or above it.
+PAPER_METRICS = ("paper", "time_to_paper_s")
 HEADERS = {"best_val": "best val", "final_val": "final val", "test": "test", "steps": "steps",
-           "wall_time_s": "wall time", "episodes_per_s": "episodes/s"}
-ASCENDING = {"wall_time_s"}  # sort keys where smaller is better
+           "wall_time_s": "wall time", "episodes_per_s": "episodes/s", "paper": "paper",
+           "time_to_paper_s": "time to paper"}
+ASCENDING = {"wall_time_s", "time_to_paper_s"}  # sort keys where smaller is better
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: hydra.yaml is long
 SKIP_DIRS = {"__pycache__", "node_modules", "checkpoints", "tb"}
 
@@ -168,7 +172,30 @@ def load_run(folder: Path) -> Dict[str, Any]:
             "best_val": m.get("best_val_acc"), "best_val_ci95": best_ci,
             "final_val": final.get("val_acc"), "final_val_ci95": final.get("val_acc_ci95"),
             "wall_time_s": m.get("wall_time_s"), "episodes_per_s": m.get("episodes_per_s"),
-            "history": history, "tests": tests}
+            "history": history, "tests": tests, **paper_of(config, history)}
+
+
+def paper_of(config: Dict, history: List[Dict]) -> Dict[str, Any]:
+    """The paper's reported accuracy of the run's preset (``preset.paper.accuracy``, percent)
+    and its source, and the time to reach it: ``time_to_paper_s``, the wall time (``time_s``,
+    seconds since the run started) of the first validation at or above it; ``paper_reached``:
+    True, False (no validation reached it), or None (no paper number, or a history without
+    times)."""
+    paper = ((config.get("preset") or {}) if isinstance(config, dict) else {}).get("paper")
+    accuracy = paper.get("accuracy") if isinstance(paper, dict) else None
+    out = {"paper": float(accuracy) if isinstance(accuracy, (int, float)) else None,
+           "paper_source": paper.get("source") if isinstance(paper, dict) else None,
+           "time_to_paper_s": None, "time_to_paper_step": None, "paper_reached": None}
+    if out["paper"] is None:
+        return out
+    for h in history:
+        if h.get("val_acc") is not None and h["val_acc"] >= out["paper"]:
+            out.update(time_to_paper_s=h.get("time_s"), time_to_paper_step=h.get("step"),
+                       paper_reached=True if h.get("time_s") is not None else None)
+            return out
+    if history:
+        out["paper_reached"] = False
+    return out
 
 
 # -- which settings differ
@@ -286,7 +313,8 @@ def summarize(values: Sequence[Optional[float]], cis: Sequence[Optional[float]] 
 
 def metric_names(runs: List[Dict]) -> List[str]:
     sets = sorted({name for r in runs for name in r["tests"] if name})
-    return ["best_val", "final_val", "test", *(f"test:{s}" for s in sets), *PLAIN_METRICS]
+    paper = PAPER_METRICS if any(r.get("paper") is not None for r in runs) else ()
+    return ["best_val", "final_val", "test", *(f"test:{s}" for s in sets), *paper, *PLAIN_METRICS]
 
 
 def metric_of(run: Dict, metric: str) -> Tuple[Optional[float], Optional[float]]:
@@ -317,7 +345,7 @@ def sort_key(metric: str, metrics: List[str], cols: List[str]) -> str:
     steps, wall_time_s, episodes_per_s, or a column."""
     aliases = {"best_val_acc": "best_val", "val": "final_val", "val_acc": "final_val", "final_val_acc": "final_val",
                "test_acc": "test", "wall_time": "wall_time_s", "time": "wall_time_s", "episodes/s": "episodes_per_s",
-               "step": "steps"}
+               "step": "steps", "time_to_paper": "time_to_paper_s"}
     key = aliases.get(metric, metric)
     if key.startswith("test ") or (key.startswith("test_") and f"test:{key[5:]}" in metrics):
         key = "test:" + key[5:].strip()
@@ -346,6 +374,8 @@ def table(runs: List[Dict], sort: Optional[str] = None) -> List[Dict[str, Any]]:
             if m.startswith("test"):  # accuracy, or class recall@1 for a retrieval evaluation
                 t = [r["tests"].get(m[5:] if ":" in m else "") for r in g]
                 stats[m]["what"] = next((x["metric"] for x in t if x and x["metric"]), None)
+        if "time_to_paper_s" in stats:  # runs that never reached the paper's accuracy
+            stats["time_to_paper_s"]["not_reached"] = sum(r.get("paper_reached") is False for r in g)
         if g[0]["max_steps"] is not None:
             stats["steps"]["max_steps"] = max(r["max_steps"] or 0 for r in g)
         stats["steps"]["range"] = [min((r["step"] for r in g if r["step"] is not None), default=None),
@@ -409,6 +439,14 @@ def fmt_steps(stat: Dict) -> str:
     return text + (f"/{stat['max_steps']}" if stat.get("max_steps") and hi < stat["max_steps"] else "")
 
 
+def fmt_time_to_paper(stat: Dict, n: int) -> str:
+    """``4m 10s`` (mean over the runs that reached the paper's accuracy; ``[k/n]`` when only k of
+    the n did), ``not reached`` when none did, ``-`` when unknown."""
+    if stat["n"]:
+        return fmt_seconds(stat["mean"]) + (f" [{stat['n']}/{n}]" if stat["n"] < n else "")
+    return "not reached" if stat.get("not_reached") else "-"
+
+
 def per_second(rate: float) -> str:
     """evaluate.per_second's format (three significant digits), without importing torch."""
     return f"{rate:.3g}" if abs(rate) < 1000 else f"{rate:,.0f}"
@@ -422,6 +460,10 @@ def cells(row: Dict, metrics: List[str]) -> List[str]:
             out.append(fmt_steps(stat))
         elif m == "wall_time_s":
             out.append(fmt_seconds(stat["mean"]))
+        elif m == "paper":
+            out.append("-" if stat["mean"] is None else f"{stat['mean']:.2f}")
+        elif m == "time_to_paper_s":
+            out.append(fmt_time_to_paper(stat, row["n"]))
         elif m == "episodes_per_s":
             out.append(per_second(stat["mean"]) if stat["mean"] is not None else "-")
         else:
@@ -469,8 +511,10 @@ def legend(rows: List[Dict]) -> str:
     if not rows:
         return ""
     runs = sum(r["n"] for r in rows)
+    paper = ("; paper: the accuracy its paper reports (preset.paper), time to paper: wall time of the "
+             "first validation at or above it" if "paper" in rows[0]["metrics"] else "")
     return (f"{len(rows)} setting{'s' * (len(rows) != 1)}, {runs} run{'s' * (runs != 1)}; accuracies in %: "
-            f"mean ± std over seeds, or one run's 95% CI (CI); [k/n]: k of the n runs have it; "
+            f"mean ± std over seeds, or one run's 95% CI (CI); [k/n]: k of the n runs have it{paper}; "
             f"sorted by {header(rows[0]['sort'])}")
 
 
@@ -573,9 +617,17 @@ def evaluate_runs(folders: List[Path], sets: Dict[str, List[str]], log=sys.stder
 
 
 def unpaired(runs: List[Dict], name: str = "") -> Optional[str]:
-    """Why the runs' ``name`` evaluations are not on the same episodes, or None."""
-    seen = {(t.get("episodes"), t.get("split"), t.get("setting"), t.get("eval_seed"))
-            for r in runs for t in [r["tests"].get(name)] if t}
+    """Why the runs' ``name`` evaluations are not on the same episodes, or None. Runs of different
+    presets (``preset.name``: different protocols by design, e.g. the paper presets) are not
+    expected to share episodes; runs of one preset, or without one, are."""
+    by_preset: Dict[str, set] = {}
+    for r in runs:
+        t = r["tests"].get(name)
+        if t:
+            preset = ((r["config"].get("preset") or {}).get("name") or "") if isinstance(r["config"], dict) else ""
+            by_preset.setdefault(preset, set()).add(
+                (t.get("episodes"), t.get("split"), t.get("setting"), t.get("eval_seed")))
+    seen = max(by_preset.values(), key=len, default=set())
     if len(seen) <= 1:
         return None
     return (f"the {eval_file(name)} reports differ in episodes/split/setting/eval.seed "
@@ -591,7 +643,9 @@ folder, outputs/). Columns: the overrides that differ between the runs (a config
 option chosen), best and final validation accuracy, test accuracy ± 95% CI (eval.json, see
 --eval), steps, wall time, episodes/s and status (finished/stopped/running/failed). Runs that
 differ only in seed form one row: mean ± std over seeds and n (one seed: its own 95% CI, marked
-(CI))."""
+(CI)). Runs of a preset that records its paper's result (preset.paper.accuracy, the +exp=paper/*
+presets) add the columns paper (that accuracy) and time to paper (wall time of the first
+validation at or above it, or "not reached")."""
 EPILOG = """examples:
   metamm compare outputs/smoke/multiruns/2026-12-01_15-37-40_851667
   metamm compare outputs/ --eval --sort test --format csv --out runs.csv

@@ -37,6 +37,7 @@ class Scheduler(enum.Enum):
     none = "none"
     cosine = "cosine"
     step = "step"
+    linear = "linear"
 
 
 class Optimizer(enum.Enum):
@@ -78,6 +79,7 @@ class TrainerConfig:
     scheduler: Scheduler = Scheduler.none
     step_size: int = 2000  # scheduler=step: steps between learning-rate drops ...
     gamma: float = 0.5  # ... each multiplying it by gamma
+    lr_final: float = 0.0  # scheduler=linear: the learning rate reached at max_steps
     optimizer: Optimizer = Optimizer.adam
     momentum: float = 0.0  # optimizer=sgd
     patience: Optional[int] = None  # stop after this many validations without a new best (null: never)
@@ -87,6 +89,8 @@ class TrainerConfig:
     tensorboard: bool = True
     threads: Optional[int] = None  # torch CPU threads; null: auto (device.auto_threads)
     test: bool = False  # at the end, best.pt on the test split -> RUN/eval.json (as metamm eval)
+    compile: bool = False  # torch.compile the embedding network (algorithms differentiated once)
+    compile_backend: str = "inductor"  # torch.compile's backend (inductor; aot_eager for a quick check)
 
 
 @dataclass
@@ -100,6 +104,9 @@ class EvalConfig:
     task: EvalTask = EvalTask.fewshot  # fewshot episodes | cross-modal retrieval
     query_modality: Optional[str] = None  # retrieval: the query side ...
     gallery_modality: Optional[str] = None  # ... and the ranked side
+    way: Optional[int] = None  # validation and test episodes: null = episode.way ...
+    shot: Optional[int] = None  # ... episode.shot ...
+    query: Optional[int] = None  # ... episode.query
 
 
 @dataclass
@@ -127,6 +134,7 @@ class PresetConfig:
     """Set by a dataset-specific ``+exp`` preset: its name and the datasets it fits."""
     name: str = ""
     datasets: Optional[List[str]] = None
+    paper: Optional[Dict[str, Any]] = None  # the reported result: {accuracy: 98.8, source: "..."}
 
 
 @dataclass
@@ -249,6 +257,10 @@ _RANGES = [
     ("trainer.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("trainer.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("trainer.patience", lambda v: v is None or v >= 1, "null or >= 1"),
+    ("trainer.lr_final", lambda v: 0 <= v < 3e38, ">= 0 (a float32 number)"),
+    ("eval.way", lambda v: v is None or v >= 2, "null (episode.way) or >= 2"),
+    ("eval.shot", lambda v: v is None or v >= 1, "null (episode.shot) or >= 1"),
+    ("eval.query", lambda v: v is None or v >= 1, "null (episode.query) or >= 1"),
     ("eval.episodes", lambda v: v >= 1, ">= 1"),
     ("eval.tasks_per_batch", lambda v: v >= 1, ">= 1"),
     ("align.weight", lambda v: v >= 0, ">= 0"),

@@ -109,6 +109,21 @@ def autocast_for(device: torch.device, amp: Any):
                              dtype=torch.bfloat16 if name == "bf16" else torch.float16)
 
 
+def compile_model(algo, backend: str = "inductor") -> None:
+    """``trainer.compile``: ``torch.compile`` the algorithm's embedding network (encoders,
+    mapping, fusion), in place (same module, same state-dict keys). torch.compile cannot
+    differentiate twice (pytorch #91469): an algorithm that does (second-order MAML, Meta-SGD,
+    ANIL) is refused; the MAML family's per-task programs (functional_call with adapted weights)
+    are not compiled either: metric, transfer and ProtoNet-like algorithms are."""
+    if hasattr(algo, "first_order") or hasattr(algo, "inner_steps"):
+        raise ConfigError(f"trainer.compile=true: {type(algo).__name__} adapts weights per task "
+                          f"(functional_call{'' if getattr(algo, 'first_order', True) else ', second order'}), "
+                          f"which torch.compile cannot compile; use a metric or transfer algorithm, "
+                          f"or trainer.compile=false")
+    model = algo.model
+    model.forward = torch.compile(model.forward, backend=backend, dynamic=False)
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """float16/bfloat16 -> float32 (losses and statistics under AMP); float32/64 unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

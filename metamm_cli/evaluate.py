@@ -105,24 +105,40 @@ def missing_sweep(algo: MetaAlgorithm, cfg: DictConfig, dataset, split: str, dev
 def apply_overrides(stored: dict, cfg: DictConfig, overrides: list) -> DictConfig:
     """The checkpoint's config, its ``eval.*`` settings included (a preset's ``eval.episodes:
     1000`` stays 1000), with the keys the user overrode on the command line taken from ``cfg``
-    (already composed and type-checked by Hydra)."""
+    (already composed and type-checked by Hydra).
+
+    Evaluation episodes are ``eval.way``/``shot``/``query`` (null: ``episode.*``). So that
+    ``metamm eval --ckpt RUN episode.way=10`` still means "evaluate 10-way" when the run stored
+    an ``eval.way`` (a preset that trains 60-way and tests 5-way), an ``episode.X`` given on the
+    command line without ``eval.X`` also sets ``eval.X``. (The model is built for the training
+    way the checkpoint records, whatever ``episode.way`` says.)"""
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
+    given = {}
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.package or o.key_or_group.replace("/", ".")
         if key in ("ckpt", "hydra") or key.startswith("hydra."):
             continue
         if o.is_delete() or key == "exp" or key.startswith("_global_"):
             raise ConfigError(f"{o.input_line}: at eval time override keys or groups, not {o.key_or_group}")
-        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
+        given[key] = OmegaConf.select(cfg, key)
+    for k in ("way", "shot", "query"):
+        if f"episode.{k}" in given and f"eval.{k}" not in given:
+            given[f"eval.{k}"] = given[f"episode.{k}"]
+    for key, value in given.items():
+        OmegaConf.update(merged, key, value, merge=False)
     return merged
 
 
 def setting(cfg: DictConfig) -> str:
     """The evaluation setting in words: ``5-way 1-shot 15-query, support [image] -> query
-    [audio], missing audio 0.5, chance 20.00%``."""
+    [audio], missing audio 0.5, chance 20.00%``; way, shot and query of the evaluation episodes
+    (``eval.*``, else ``episode.*``)."""
+    from metamm_cli.data.episodes import episode_shape
+
     E = cfg.episode
-    way = E.way
-    text = f"{way}-way {E.shot}-shot {E.query}-query"
+    shape, _ = episode_shape(cfg, "test")
+    way = shape["way"]
+    text = f"{way}-way {shape['shot']}-shot {shape['query']}-query"
     support, query = E.get("support_modalities"), E.get("query_modalities")
     if support or query:
         text += f", support {list(support) if support else 'all'} -> query {list(query) if query else 'all'}"

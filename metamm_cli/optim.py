@@ -21,14 +21,20 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], T) -> torch.optim.Optim
 
 def make_scheduler(optimizer: torch.optim.Optimizer, T):
     """``trainer.scheduler``, stepped once per optimizer step: none (constant), cosine (to 0 at
-    ``max_steps``) or step (times ``trainer.gamma`` every ``trainer.step_size`` steps: ProtoNet's
-    'halved every 2000 episodes')."""
+    ``max_steps``), step (times ``trainer.gamma`` every ``trainer.step_size`` steps: ProtoNet's
+    'halved every 2000 episodes') or linear (from ``trainer.lr`` at step 0 to
+    ``trainer.lr_final`` at ``max_steps``, constant after: Reptile's annealed meta step size,
+    ``lr_i = (i / max_steps) lr_final + (1 - i / max_steps) lr``)."""
     name, max_steps = enum_name(T.scheduler), T.max_steps
+    final = T.lr_final / T.lr
 
     def factor(step: int) -> float:
         if name == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(step, max_steps) / max(max_steps, 1)))
         if name == "step":
             return T.gamma ** (step // T.step_size)
+        if name == "linear":
+            done = min(step, max_steps) / max(max_steps, 1)
+            return done * final + (1 - done)
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

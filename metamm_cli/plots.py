@@ -63,8 +63,8 @@ def val_curves(ax, rows: List[Dict], colors) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # below the axes: the curves stay readable
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
     else:
         ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes)
 

@@ -21,8 +21,8 @@ from metamm_cli.claim import claim, release
 from metamm_cli.config import check_ranges
 from metamm_cli.data.base import build_dataset, describe_changes
 from metamm_cli.data.episodes import build_sampler
-from metamm_cli.device import (autocast_for, enum_name, is_oom, make_deterministic, resolve_device,
-                               seed_everything, set_threads, warn_amp)
+from metamm_cli.device import (autocast_for, compile_model, enum_name, is_oom, make_deterministic,
+                               resolve_device, seed_everything, set_threads, warn_amp)
 from metamm_cli.distributed import all_reduce_step, barrier, local_share, snapshot, world
 from metamm_cli.evaluate import evaluate, per_second
 from metamm_cli.launch import job_share, sweep_job
@@ -83,6 +83,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     val_tasks = min(T.val_episodes, cfg.eval.tasks_per_batch)
     val_sampler = build_sampler(cfg, dataset, "val", device, val_tasks, cfg.seed + 1)
     algo = build_algorithm(cfg, dataset).to(device)
+    if T.compile:
+        compile_model(algo, T.compile_backend)
     optimizer = make_optimizer(algo.parameters(), T)
     scheduler = make_scheduler(optimizer, T)
     scaler = torch.amp.GradScaler(device.type, enabled=enum_name(T.amp) == "fp16")
@@ -194,7 +196,8 @@ def validate(run: Run) -> Dict[str, float]:
     S, T = run.state, run.cfg.trainer
     val = evaluate(run.algo, run.val_sampler, T.val_episodes, run.val_tasks, run.autocast, world=run.world)
     S.history.append(finite_json({"step": S.step, "val_acc": val["accuracy"], "val_acc_ci95": val["ci95"],
-                                  "train_loss": (run.last or {}).get("train/loss")}))
+                                  "train_loss": (run.last or {}).get("train/loss"),
+                                  "time_s": round(S.wall, 3)}))  # seconds since the run started
     writer = tensorboard(run)
     if writer:
         writer.add_scalar("val/acc", val["accuracy"], S.step)

@@ -32,7 +32,7 @@ ANY_WAY = {"protonet", "matching", "relation", "siamese", "hypernet", "finetune"
 # checks it against its definition and through the CLI); here it must train, save and evaluate.
 NO_CLASS_SIGNAL = {"align"}
 FIXED_WAY = {"gnn": "episode.way=3", "maml": "algorithm.head=zero", "fomaml": "algorithm.head=zero",
-             "anil": "algorithm.head=zero", "metasgd": "algorithm.head=zero",
+             "anil": "algorithm.head=zero", "metasgd": "episode.way=3",  # no zero head: its lrs are per weight
              "reptile": "algorithm.head=zero"}
 
 

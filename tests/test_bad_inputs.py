@@ -28,7 +28,7 @@ ROWS = [
     ("unknown key", TRAIN + ["episode.wya=3"], ["episode.wya", "EpisodeConfig"]),
     ("unknown option", TRAIN + ["fusion=nope"], ["fusion/nope", "attention, concat"]),
     ("unknown algorithm key", TRAIN + ["+algorithm.spread=2"],
-     ["algorithm.spread: not a setting of algorithm ProtoNet", "distance, temperature"]),
+     ["algorithm.spread: not a setting of algorithm ProtoNet", "distance, execution, temperature"]),
     ("enum value", TRAIN + ["trainer.on_nan=maybe"], ["trainer.on_nan", "stop, skip"]),
     ("wrong type", TRAIN + ["trainer.lr=fast"], ["trainer.lr=fast"]),
     ("wrong type bool", TRAIN + ["trainer.deterministic=perhaps"], ["trainer.deterministic"]),

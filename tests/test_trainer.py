@@ -93,3 +93,19 @@ def test_resume_with_a_foreign_sampler_state_warns(tmp_path, caplog):
     over = ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'a'}"]
     metrics = train(compose_cfg(FAST + over), run_dir=tmp_path / "b", overrides=over)
     assert metrics["step"] == 4 and "another device" in caplog.text
+
+
+def test_compile_gives_the_eager_results_and_refuses_per_task_adaptation(tmp_path):
+    """trainer.compile=true (the aot_eager backend: torch.compile's graph capture and autograd,
+    no code generation, seconds on CPU) trains to the same numbers as eager; MAML, whose per-task
+    programs differentiate twice, is refused in one line."""
+    from metamm_cli import ConfigError
+
+    over = FAST + ["trainer.threads=1", "trainer.tensorboard=false"]
+    eager = train(compose_cfg(over), run_dir=tmp_path / "eager")
+    compiled = train(compose_cfg(over + ["trainer.compile=true", "trainer.compile_backend=aot_eager"]),
+                     run_dir=tmp_path / "compiled")
+    assert compiled["val_acc"] == pytest.approx(eager["val_acc"], abs=1e-4)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    with pytest.raises(ConfigError, match="trainer.compile=true: MAML .*second order"):
+        train(compose_cfg(over + ["algorithm=maml", "trainer.compile=true"]), run_dir=tmp_path / "maml")

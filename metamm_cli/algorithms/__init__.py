@@ -21,6 +21,12 @@ def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[i
     number of classes of the training split."""
     algo = instantiate_checked(cfg.algorithm, "algorithm", model=build_model(cfg, dataset),
                                way=way or cfg.episode.way, num_classes=dataset.num_classes("train"))
+    trained = way or cfg.episode.way
+    test_way = cfg.get("eval", {}).get("way") or cfg.episode.way
+    if test_way != trained and algo.fixed_way():  # at start-up, not at the first validation
+        key = "episode.way" if cfg.episode.way != trained else "eval.way"
+        raise ConfigError(f"{key}={test_way} is impossible: {algo.fixed_way()}; evaluate at the training way: "
+                          + (f"episode.way={trained}" if key == "episode.way" else f"eval.way=null or {trained}"))
     if getattr(algo.model.fusion, "level", "sample") == "prototype" and not getattr(algo, "prototype_fusion", False):
         raise ConfigError(f"fusion={type(algo.model.fusion).__name__.lower()} works on prototypes and "
                           f"has no sample embedding: use a metric algorithm (protonet), not "

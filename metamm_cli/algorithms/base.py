@@ -53,6 +53,10 @@ class MetaAlgorithm(nn.Module):
     def forward(self, episode: Episode) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def fixed_way(self) -> Optional[str]:
+        """Why this algorithm classifies only at its training way (a way-sized head), or None."""
+        return None
+
     def task_groups(self, tasks: int) -> ContextManager:
         """Within the block the model's BatchNorm layers see batches of ``tasks`` task groups
         (``bn_stats=task``; a no-op for ``batch``)."""

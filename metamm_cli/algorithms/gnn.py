@@ -86,6 +86,9 @@ class GNN(MetaAlgorithm):
             width += hidden
         self.out_edges, self.out_conv = EdgeSimilarity(width, edge_hidden), GraphConv(width, way)
 
+    def fixed_way(self):
+        return f"GNN's label features are {self.way}-way"
+
     def forward(self, episode):
         if episode.way != self.way:
             raise ConfigError(f"episode.way={episode.way}: the gnn was trained on {self.way}-way graphs "

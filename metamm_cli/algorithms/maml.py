@@ -83,6 +83,12 @@ class MAML(MetaAlgorithm):
         return ({k: p for k, p in params.items() if k in names},
                 {k: p for k, p in params.items() if k not in names})
 
+    def fixed_way(self):
+        if self.head == "learned":
+            return (f"{type(self).__name__} with algorithm.head=learned learns a {self.way}-way head "
+                    f"(algorithm.head=zero evaluates at any way)")
+        return None
+
     @property
     def steps(self) -> int:
         return self.inner_steps if self.training else self.inner_steps_eval

@@ -29,5 +29,8 @@ class MetaSGD(MAML):
             k.replace(".", "__"): nn.Parameter(torch.empty_like(p).uniform_(low, high))
             for k, p in self.net.named_parameters()})
 
+    def fixed_way(self):
+        return f"MetaSGD learns a {self.way}-way head"
+
     def learned_lrs(self):
         return {k: self.alpha[k.replace(".", "__")] for k in self.fast_names()}

@@ -3,6 +3,8 @@ the preprocessing state a checkpoint stores, and fingerprints of the files each 
 from."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import hashlib
 import json
 import logging
@@ -110,8 +112,8 @@ class MultimodalDataset:
                                   f"of its {total} samples has any of dataset.modalities={self._wanted}")
             log.warning(f"{total - len(idx)} of {total} samples of the {split} split have none of "
                         f"dataset.modalities={self._wanted}: left out")
-            full = SplitData({m: x[idx] for m, x in full.data.items()}, full.present[idx],
-                             full.labels[idx], full.num_classes)
+            full = replace(full, data={m: x[idx] for m, x in full.data.items()}, present=full.present[idx],
+                           labels=full.labels[idx])
             present = present[idx]
             self._kept[split] = idx
         data = {m: full.data[m] for m in self._wanted}
@@ -123,7 +125,7 @@ class MultimodalDataset:
                     more = f" (and {len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
                     raise ConfigError(f"dataset {self.name}: modality '{m}' of {len(bad)} samples of "
                                       f"the {split} split holds NaN or inf: {shown}{more}")
-        return SplitData(data, present, full.labels, full.num_classes)
+        return replace(full, data=data, present=present)
 
     # -- preprocessing state -----------------------------------------------------------------
     def state_dict(self) -> dict:

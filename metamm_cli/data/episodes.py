@@ -28,16 +28,32 @@ class SplitData:
 
     ``data[m]``: ``[S, *shape_m]``; ``present``: ``[S, M]`` bool, modalities in ``order``;
     ``labels``: ``[S]`` class ids ``0..num_classes-1`` within the split.
+
+    ``groups`` (optional, ``[num_classes]``): the group of each class. Classes of one group are
+    never drawn into the same task: the sampler draws N distinct groups, then one member class of
+    each, uniformly among the group's members (e.g. the four rotations of an Omniglot character:
+    each class of a task gets a random rotation, as augmentation rather than as new classes).
+    ``same_member``: one draw per task picks the same member (by rank in its group, classes in
+    id order) for every class of the task (one rotation for the whole task); the groups must then
+    have equally many members.
     """
 
     data: Dict[str, torch.Tensor]
     present: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    groups: Optional[torch.Tensor] = None
+    same_member: bool = False
 
     def to(self, device) -> "SplitData":
         return SplitData({m: x.to(device) for m, x in self.data.items()}, self.present.to(device),
-                         self.labels.to(device), self.num_classes)
+                         self.labels.to(device), self.num_classes,
+                         None if self.groups is None else self.groups.to(device), self.same_member)
+
+    @property
+    def num_groups(self) -> int:
+        """Distinct groups of classes (each class its own group when ``groups`` is None)."""
+        return self.num_classes if self.groups is None else int(torch.unique(self.groups).numel())
 
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
@@ -84,7 +100,12 @@ class EpisodeSampler:
     """Draws ``tasks`` N-way K-shot episodes at once with index arithmetic on the split's device.
 
     Classes with fewer than ``shot + query`` samples are never drawn (one warning counts them);
-    an impossible request fails at construction with the key to change.
+    an impossible request fails at construction with the key to change (``keys`` names the
+    config keys of way, shot and query in those messages: ``episode.*`` or ``eval.*``).
+
+    With ``split.groups``, a task's N classes come from N distinct groups: N groups uniformly
+    without replacement among those with a drawable member, then one drawable member of each
+    uniformly (``split.same_member``: one member rank for the whole task).
 
     ``missing`` maps a modality to the probability that a sample of an episode lacks it: a fresh
     presence mask is drawn per episode with the sampler's generator (modality dropout), never
@@ -94,7 +115,10 @@ class EpisodeSampler:
 
     def __init__(self, split: SplitData, way: int, shot: int, query: int, tasks: int,
                  seed: int = 0, split_name: str = "train",
-                 missing: Optional[Mapping[str, float]] = None):
+                 missing: Optional[Mapping[str, float]] = None,
+                 keys: Optional[Mapping[str, str]] = None):
+        K = {k: f"episode.{k}" for k in ("way", "shot", "query")}
+        K.update(keys or {})
         counts = split.class_counts()
         need = shot + query
         self.eligible = torch.nonzero(counts >= need).flatten()
@@ -102,18 +126,21 @@ class EpisodeSampler:
         if short and len(self.eligible) >= way and (split_name, need, short) not in _WARNED:
             _WARNED.add((split_name, need, short))  # once per process, not per sampler
             log.warning(f"{short} of {split.num_classes} classes of the {split_name} split have "
-                        f"fewer than episode.shot+episode.query={need} samples: skipped")
+                        f"fewer than {K['shot']}+{K['query']}={need} samples: skipped")
         if way > split.num_classes:
-            raise ConfigError(f"episode.way={way} is impossible: the {split_name} split has "
+            raise ConfigError(f"{K['way']}={way} is impossible: the {split_name} split has "
                               f"{split.num_classes} classes")
         if len(self.eligible) < way:
             raise ConfigError(
-                f"episode.shot+episode.query={need} is impossible: {len(self.eligible)} classes of "
+                f"{K['shot']}+{K['query']}={need} is impossible: {len(self.eligible)} classes of "
                 f"the {split_name} split have that many samples (largest: {int(counts.max())}), "
-                f"episode.way={way} needs {way}")
+                f"{K['way']}={way} needs {way}")
         self.split, self.way, self.shot, self.query, self.tasks = split, way, shot, query, tasks
         self.split_name = split_name
         device = split.labels.device
+        self.grouped = split.groups is not None
+        if self.grouped:
+            self._group_tables(split, counts >= need, way, K["way"])
         order = torch.argsort(split.labels, stable=True)
         max_n = int(counts.max())
         starts = torch.cumsum(counts, 0) - counts
@@ -137,8 +164,50 @@ class EpisodeSampler:
         self.dropping = any(p > 0 for p in self.missing.values())
         self.reset()
 
+    def _group_tables(self, split: SplitData, drawable: torch.Tensor, way: int, way_key: str) -> None:
+        """``members[g, j]``: the j-th drawable class of group ``g`` (class id order; padding
+        repeats a valid one), ``sizes[g]`` how many, ``eligible_groups`` those with at least one."""
+        _, groups = torch.unique(split.groups, return_inverse=True)  # ids 0..G-1
+        G = int(groups.max()) + 1
+        classes = torch.nonzero(drawable).flatten()
+        g = groups[classes]
+        order = torch.argsort(g, stable=True)  # stable: members stay in class id order
+        classes, g = classes[order], g[order]
+        sizes = torch.bincount(g, minlength=G)
+        starts = torch.cumsum(sizes, 0) - sizes
+        width = max(int(sizes.max()), 1)
+        col = torch.arange(width, device=sizes.device)
+        self.members = classes[(starts[:, None] + torch.minimum(col[None], (sizes[:, None] - 1).clamp(min=0)))
+                               .clamp(max=max(len(classes) - 1, 0))]
+        self.sizes = sizes
+        self.eligible_groups = torch.nonzero(sizes > 0).flatten()
+        if len(self.eligible_groups) < way:
+            raise ConfigError(f"{way_key}={way} is impossible: the {self.split_name} split has "
+                              f"{len(self.eligible_groups)} groups of classes with enough samples "
+                              f"(classes of one group, e.g. rotations of one character, never share a task)")
+        if split.same_member:
+            kept = sizes[self.eligible_groups]
+            if bool((kept != kept[0]).any()):
+                raise ConfigError(f"the {self.split_name} split's groups have {int(kept.min())} to "
+                                  f"{int(kept.max())} drawable members: one member for the whole task "
+                                  f"needs equally many in every group")
+
     def reset(self, seed: Optional[int] = None) -> None:
         self.generator.manual_seed(self.seed if seed is None else seed)
+
+    def draw_classes(self, T: int) -> torch.Tensor:
+        """``[T, N]`` distinct split classes per task (with groups: of distinct groups)."""
+        g, N = self.generator, self.way
+        device = self.table.device
+        if not self.grouped:
+            scores = torch.rand(T, len(self.eligible), generator=g, device=device)
+            return self.eligible[scores.topk(N, dim=1).indices]
+        scores = torch.rand(T, len(self.eligible_groups), generator=g, device=device)
+        chosen = self.eligible_groups[scores.topk(N, dim=1).indices]  # [T, N] distinct groups
+        u = torch.rand(T, 1 if self.split.same_member else N, generator=g, device=device)
+        size = self.sizes[chosen]
+        rank = torch.minimum((u * size).long(), size - 1)  # uniform over the group's members
+        return self.members[chosen, rank]
 
     def sample(self, tasks: Optional[int] = None, part: Optional[Tuple[int, int]] = None) -> Episode:
         """``tasks`` episodes (default: the sampler's ``tasks``); ``part=(start, stop)``: draw all of
@@ -146,8 +215,7 @@ class EpisodeSampler:
         ``start:stop`` (a rank's share in distributed training)."""
         T, N, K, Q = tasks or self.tasks, self.way, self.shot, self.query
         g, device = self.generator, self.table.device
-        scores = torch.rand(T, len(self.eligible), generator=g, device=device)
-        classes = self.eligible[scores.topk(N, dim=1).indices]  # [T, N] distinct classes
+        classes = self.draw_classes(T)  # [T, N] distinct classes
         keys = torch.rand(T, N, self.table.shape[1], generator=g, device=device)
         keys = keys.masked_fill(self.pad[classes], 2.0)  # padding sorts last
         pick = keys.argsort(dim=-1)[..., : K + Q]  # [T, N, K+Q]
@@ -213,11 +281,25 @@ def missing_rates(cfg, split: str) -> Dict[str, float]:
     return dict(OmegaConf.to_container(node)) if node is not None else {}
 
 
+def episode_shape(cfg, split: str) -> Tuple[Dict[str, int], Dict[str, str]]:
+    """The way, shot and query of ``split``'s episodes and the config key each comes from: the
+    train split uses ``episode.*``; validation and test use ``eval.way``/``eval.shot``/
+    ``eval.query`` where set (not null), else ``episode.*``."""
+    from omegaconf import OmegaConf
+
+    values, keys = {}, {}
+    for k in ("way", "shot", "query"):
+        v = None if split == "train" else OmegaConf.select(cfg, f"eval.{k}", default=None)
+        values[k], keys[k] = (int(v), f"eval.{k}") if v is not None else (int(cfg.episode[k]), f"episode.{k}")
+    return values, keys
+
+
 def build_sampler(cfg, dataset, split: str, device, tasks: int, seed: int,
                   missing: Optional[Mapping[str, float]] = None) -> EpisodeSampler:
-    """The sampler of ``split`` for ``cfg.episode``, with the missing-modality rates of the
-    config (:func:`missing_rates`) unless ``missing`` is given."""
-    E = cfg.episode
-    return EpisodeSampler(dataset.split(split, device), E.way, E.shot, E.query, tasks, seed=seed,
-                          split_name=split,
-                          missing=missing_rates(cfg, split) if missing is None else missing)
+    """The sampler of ``split``: ``episode.*`` for the train split, ``eval.way``/``eval.shot``/
+    ``eval.query`` (null: ``episode.*``) for validation and test (:func:`episode_shape`), with
+    the missing-modality rates of the config (:func:`missing_rates`) unless ``missing`` is given."""
+    shape, keys = episode_shape(cfg, split)
+    return EpisodeSampler(dataset.split(split, device), shape["way"], shape["shot"], shape["query"],
+                          tasks, seed=seed, split_name=split,
+                          missing=missing_rates(cfg, split) if missing is None else missing, keys=keys)

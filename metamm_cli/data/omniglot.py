@@ -12,6 +12,26 @@ Protocols (``split``):
 - ``lake`` (Lake et al. 2015): the 30 background alphabets for training, less the
   ``val_alphabets`` held out for validation (default: the 5 alphabets of the Vinyals validation
   split, 172 characters), the 20 evaluation alphabets (659 characters) for test; no rotations.
+- ``finn`` (Finn et al. 2017, github cbfinn/maml ``data_generator.py``; also Sung et al. 2018's
+  code): all 1623 characters of both archives, sorted by (alphabet, character), shuffled with
+  Python's ``random.seed(1); random.shuffle``; the first 1100 train, the next 100 validate, the
+  remaining 423 test. MAML's code shuffles ``os.listdir`` order (file-system dependent), so its
+  exact characters cannot be recovered; this is the reproducible version of its procedure.
+- ``reptile`` (Nichol et al. 2018, github openai/supervised-reptile ``omniglot.py``): the same
+  with seed 0, which is that code's own split (sorted listing, ``random.seed(0)``, first 1200
+  characters train, the other 423 test: the test characters are exactly its test set); its 1200
+  training characters are cut into 1100 train and 100 validation here (the code has no
+  validation set).
+
+Rotations (``rotations``, default 0/90/180/270 except for ``lake``) on the splits named in
+``rotate_splits`` (null: all three), used as ``rotate``:
+
+- ``classes``: each rotation of a character is a class of its own (Vinyals et al. 2016).
+- ``augment``: a character's rotations are one group of classes; a task never holds two
+  rotations of one character, and each of its classes is shown at a random rotation (drawn per
+  class per task: MAML's ``data_generator.py``, ``rotations = tf.multinomial(..., num_classes)``).
+- ``task``: as ``augment``, but one random rotation for the whole task (Sung et al. 2018's
+  ``omniglot_train_*.py``: ``degrees = random.choice([0,90,180,270])`` per episode).
 
 Images are held as uint8 (1 byte per pixel, strokes bright on black: ``invert``) and become
 float32 in [0, 1] in the sampler's gather. Decoding 32,460 PNGs takes seconds once; the arrays
@@ -27,6 +47,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import tempfile
 import urllib.request
@@ -51,6 +72,10 @@ URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
        "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 VINYALS_VAL = ["Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"]
+SHUFFLED = {"finn": 1, "reptile": 0}  # split -> the seed of Python's random.shuffle
+SHUFFLED_SIZES = (1100, 100)  # train, validation characters; the rest (423) test
+SPLIT_NAMES = ("vinyals", "lake", *SHUFFLED)
+ROTATE = ("classes", "augment", "task")
 _ENTRY = re.compile(r"^(?:.*/)?(?P<top>[^/]+)/(?P<alpha>[^/]+)/(?P<char>character\d+)/(?P<stem>\d{4}_\d{2})\.(?P<ext>png|txt)$")
 
 
@@ -143,20 +168,31 @@ class Omniglot(MultimodalDataset):
                  rotations: Optional[Sequence[int]] = None, val_alphabets: Optional[Sequence[str]] = None,
                  invert: bool = True, download: bool = False, url: str = URL,
                  md5: Optional[Mapping[str, str]] = None, cache: bool = True,
-                 cache_dir: Optional[str] = None, modalities: Optional[Sequence[str]] = None):
+                 cache_dir: Optional[str] = None, modalities: Optional[Sequence[str]] = None,
+                 rotate: str = "classes", rotate_splits: Optional[Sequence[str]] = None):
         self.all_modalities = {"image": ModalitySpec((1, image_size, image_size), torch.float32, "image")}
         super().__init__(modalities)
-        if split not in ("vinyals", "lake"):
+        if split not in SPLIT_NAMES:
             raise ConfigError(f"dataset.split={split}: must be 'vinyals' (Vinyals et al. 2016: "
-                              f"1028/172/423 characters x 4 rotations) or 'lake' (background/evaluation alphabets)")
+                              f"1028/172/423 characters x 4 rotations), 'lake' (background/evaluation "
+                              f"alphabets), 'finn' or 'reptile' (1100/100/423 characters shuffled with "
+                              f"seed 1 or 0, as MAML's and Reptile's code)")
         if not isinstance(image_size, int) or isinstance(image_size, bool) or not 8 <= image_size <= 105:
             raise ConfigError(f"dataset.image_size={image_size}: must be an integer in [8, 105]")
-        rotations = list(rotations if rotations is not None else ([0, 90, 180, 270] if split == "vinyals" else [0]))
+        rotations = list(rotations if rotations is not None else ([0] if split == "lake" else [0, 90, 180, 270]))
         if not rotations or any(r not in (0, 90, 180, 270) for r in rotations) or len(set(rotations)) != len(rotations):
             raise ConfigError(f"dataset.rotations={rotations}: distinct values among 0, 90, 180, 270")
+        if rotate not in ROTATE:
+            raise ConfigError(f"dataset.rotate={rotate}: must be classes (each rotation a class of its "
+                              f"own), augment (a random rotation per class per task) or task (one "
+                              f"random rotation per task)")
+        rotate_splits = list(SPLITS if rotate_splits is None else rotate_splits)
+        if any(s not in SPLITS for s in rotate_splits):
+            raise ConfigError(f"dataset.rotate_splits={rotate_splits}: a list of {', '.join(SPLITS)} (null: all)")
         self.root = require_path(root, "dataset.root", "the folder holding images_background.zip and images_evaluation.zip")
         self.split_name, self.image_size = split, image_size
         self.rotations, self.invert = rotations, invert
+        self.rotate, self.rotate_splits = rotate, rotate_splits
         self.val_alphabets = list(val_alphabets if val_alphabets is not None else VINYALS_VAL)
         self.cache, self.cache_dir = cache, cache_dir
         self.paths = {}
@@ -219,6 +255,8 @@ class Omniglot(MultimodalDataset):
             lists = vinyals_lists()[split]
             return [(f"images_{part}", a, c) for part in ("background", "evaluation")
                     for a in sorted(lists.get(part, {})) for c in lists[part][a]]
+        if self.split_name in SHUFFLED:
+            return self.shuffled_characters()[split]
         if split == "test":
             return sorted(("images_evaluation", a, c) for a, c in self.index("images_evaluation").entries)
         entries = self.index("images_background").entries
@@ -230,8 +268,31 @@ class Omniglot(MultimodalDataset):
         keep = set(self.val_alphabets) if split == "val" else set(alphabets) - set(self.val_alphabets)
         return sorted(("images_background", a, c) for a, c in entries if a in keep)
 
+    def shuffled_characters(self) -> Dict[str, List[Tuple[str, str, str]]]:
+        """``split=finn|reptile``: all characters of both archives sorted by (alphabet,
+        character), shuffled by ``random.Random(seed).shuffle`` (what ``random.seed(seed);
+        random.shuffle(list)`` does), cut 1100 / 100 / rest."""
+        chars = sorted(((top, a, c) for top in ARCHIVES for a, c in self.index(top).entries),
+                       key=lambda t: (t[1], t[2]))
+        random.Random(SHUFFLED[self.split_name]).shuffle(chars)
+        n_train, n_val = SHUFFLED_SIZES
+        return {"train": chars[:n_train], "val": chars[n_train:n_train + n_val],
+                "test": chars[n_train + n_val:]}
+
+    def split_rotations(self, split: str) -> List[int]:
+        """The rotations applied to ``split`` (``[0]`` where ``rotate_splits`` leaves it out)."""
+        return self.rotations if split in self.rotate_splits else [0]
+
+    def class_groups(self, split: str) -> Optional[torch.Tensor]:
+        """``rotate=augment|task``: the character of each class (class ``c * R + r`` is rotation
+        ``r`` of character ``c``), the sampler's groups; None for ``rotate=classes``."""
+        R = len(self.split_rotations(split))
+        if self.rotate == "classes" or R == 1:
+            return None
+        return torch.arange(len(self.characters(split)) * R) // R
+
     def num_classes(self, split: str) -> int:
-        return len(self.characters(split)) * len(self.rotations)
+        return len(self.characters(split)) * len(self.split_rotations(split))
 
     def build_split(self, split: str) -> SplitData:
         chars = self.characters(split)
@@ -248,20 +309,21 @@ class Omniglot(MultimodalDataset):
                                   f"{self.split_name} {split} split is missing: not the full Omniglot")
             rows.setdefault(top, []).extend(found)
             char_of.setdefault(top, []).extend([c] * len(found))
-        R = len(self.rotations)
+        rotations = self.split_rotations(split)
+        R = len(rotations)
         images, labels, blocks = [], [], []
         for top in sorted(rows):
             x = self.archive(top)["images"][torch.tensor(rows[top])]  # one gather per archive
             c = torch.tensor(char_of[top])
-            for r, rot in enumerate(self.rotations):
+            for r, rot in enumerate(rotations):
                 images.append(torch.rot90(x, rot // 90, dims=(-2, -1)) if rot else x)
                 labels.append(c * R + r)
                 blocks.append((top, rot, rows[top]))
         self._blocks[split] = blocks
         images_t, labels_t = torch.cat(images), torch.cat(labels)
         present = torch.ones(len(labels_t), 1, dtype=torch.bool)
-        return SplitData({"image": images_t.contiguous()}, present, labels_t,
-                         len(chars) * len(self.rotations))
+        return SplitData({"image": images_t.contiguous()}, present, labels_t, len(chars) * R,
+                         self.class_groups(split), self.rotate == "task")
 
     def describe_row(self, split: str, row: int) -> str:
         for top, rot, idx in self._blocks[split]:
@@ -309,5 +371,7 @@ class Omniglot(MultimodalDataset):
         return out
 
     def describe(self) -> str:
-        return (f"omniglot ({self.split_name} split, rotations {self.rotations}): image{list(self.all_modalities['image'].shape)} "
-                f"stored uint8, float32 in [0, 1] in episodes")
+        where = "" if len(self.rotate_splits) == len(SPLITS) else f" on {'/'.join(self.rotate_splits)}"
+        how = {"classes": "as classes", "augment": "per class per task", "task": "per task"}[self.rotate]
+        return (f"omniglot ({self.split_name} split, rotations {self.rotations} {how}{where}): "
+                f"image{list(self.all_modalities['image'].shape)} stored uint8, float32 in [0, 1] in episodes")

@@ -18,6 +18,12 @@ def _block(conv: type, pool: type, bn: type, cin: int, cout: int, k: int) -> nn.
     return nn.Sequential(conv(cin, cout, k, padding=k // 2), bn(cout), nn.ReLU(), pool(2))
 
 
+def _strided_block(cin: int, cout: int, k: int) -> nn.Sequential:
+    """conv kxk with stride 2 (padding k//2: 28 -> 14 -> 7 -> 4 -> 2, the sizes of TensorFlow's
+    'SAME'), BatchNorm, ReLU; no pooling (Finn et al. 2017's Omniglot network)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=2, padding=k // 2), nn.BatchNorm2d(cout), nn.ReLU())
+
+
 def _need(spec: ModalitySpec, rank: int, name: str, float_input: bool = True) -> None:
     if len(spec.shape) != rank or spec.dtype.is_floating_point != float_input:
         kind = "float" if float_input else "integer"
@@ -27,15 +33,24 @@ def _need(spec: ModalitySpec, rank: int, name: str, float_input: bool = True) ->
 
 class Conv4(nn.Module):
     """Four conv3x3-BN-ReLU-maxpool blocks (Vinyals et al. 2016; Snell et al. 2017), then global
-    average pooling, for images ``[C, H, W]``."""
+    average pooling, for images ``[C, H, W]``. ``pool=stride``: each block's convolution has
+    stride 2 instead of a 2x2 max-pool (conv-BN-ReLU; Finn et al. 2017's and Nichol et al.
+    2018's Omniglot networks, github cbfinn/maml ``--max_pool=False``), then the same average
+    over space; its feature maps are 14, 7, 4, 2 on 28x28 inputs (max-pool: 14, 7, 3, 1)."""
 
-    def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 64, depth: int = 4):
+    def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 64, depth: int = 4,
+                 pool: str = "max"):
         super().__init__()
         _need(spec, 3, "conv4")
+        if pool not in ("max", "stride"):
+            raise ConfigError(f"encoder.image.pool={pool}: must be max (2x2 max-pooling) or stride "
+                              f"(stride-2 convolutions)")
         depth = min(depth, int(math.log2(min(spec.shape[1:]))))
         widths = [spec.shape[0]] + [hidden] * (depth - 1) + [dim]
-        self.net = nn.Sequential(*[_block(nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, a, b, 3)
-                                   for a, b in zip(widths, widths[1:])])
+        self.pool = pool
+        blocks = [_block(nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, a, b, 3) if pool == "max"
+                  else _strided_block(a, b, 3) for a, b in zip(widths, widths[1:])]
+        self.net = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).mean(dim=(-2, -1))
