@@ -90,6 +90,7 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch CPU threads; null: auto (device.auto_threads)
     test: bool = False  # at the end, best.pt on the test split -> RUN/eval.json (as metamm eval)
     compile: bool = False  # torch.compile the embedding network (algorithms differentiated once)
+    profile: bool = False  # a torch.profiler trace of steps 3-5 into the run's TensorBoard folder
     compile_backend: str = "inductor"  # torch.compile's backend (inductor; aot_eager for a quick check)
 
 

@@ -143,6 +143,25 @@ def tensorboard(run):
     return run.writer
 
 
+def profiler(run):
+    """``trainer.profile=true``: a ``torch.profiler`` trace of three training steps (after one to
+    wait and one to warm up) into the run's TensorBoard folder (TensorBoard's profiler tab,
+    torch-tb-profiler); a context whose ``step()`` the loop calls after each step. A null
+    context otherwise, and on every rank but 0."""
+    import contextlib
+
+    import torch
+
+    if not run.cfg.trainer.profile or not (run.world is None or run.world.main):
+        return contextlib.nullcontext(None)
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+    folder = tb_folder(run.run_dir, run.identity)
+    return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(str(folder)))
+
+
 def read_json(path: Path) -> Dict:
     try:
         value = json.loads(Path(path).read_text())

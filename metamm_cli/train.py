@@ -27,7 +27,7 @@ from metamm_cli.distributed import all_reduce_step, barrier, local_share, snapsh
 from metamm_cli.evaluate import evaluate, per_second
 from metamm_cli.launch import job_share, sweep_job
 from metamm_cli.optim import make_optimizer, make_scheduler
-from metamm_cli.record import finite_json, hparams, open_folder, tensorboard, write_metrics
+from metamm_cli.record import finite_json, hparams, open_folder, profiler, tensorboard, write_metrics
 from metamm_cli.resume import continue_job, finished, holds_a_run, hydra_quote, merge_resume, resume_state
 from metamm_cli.runstate import Diverged, Run, RunState, restore, stop_now
 from metamm_cli.search import Pruned, reporter
@@ -277,7 +277,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, overrides: Optional[L
         T = run.cfg.trainer
         run.bar = tqdm(total=T.max_steps, initial=run.state.step, disable=not T.progress,
                        dynamic_ncols=True, desc="train", leave=False)
-        with StopSignals() as stop:
+        with StopSignals() as stop, profiler(run) as prof:
             while run.state.step < T.max_steps:
                 tick = time.perf_counter()
                 try:
@@ -289,6 +289,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, overrides: Optional[L
                         raise ConfigError(out_of_memory(run)) from e
                     raise
                 run.bar.update()
+                if prof is not None:
+                    prof.step()
                 periodic(run, stopping, tick)
                 if stopping and run.state.step < T.max_steps:
                     run.bar.close()

@@ -72,7 +72,8 @@ def main():
             for kind in ("metamm", "loop"):
                 # the loop baseline calls the model one task at a time: embed it in one call per task
                 cfg_k = compose_config([*base, *extra, *overrides] + (
-                    ["algorithm.execution=batch"] if kind == "loop" and name in OTHERS else []))
+                    ["algorithm.execution=batch"] if kind == "loop" and "execution" in cfg.algorithm
+                    and name in OTHERS else []))
                 torch.manual_seed(0)
                 algo = build_algorithm(cfg_k, dataset).to(device).train()
                 opt = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad], lr=1e-4)

@@ -109,3 +109,16 @@ def test_compile_gives_the_eager_results_and_refuses_per_task_adaptation(tmp_pat
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
     with pytest.raises(ConfigError, match="trainer.compile=true: MAML .*second order"):
         train(compose_cfg(over + ["algorithm=maml", "trainer.compile=true"]), run_dir=tmp_path / "maml")
+
+
+def test_profile_writes_a_trace_into_the_runs_tensorboard(tmp_path):
+    """trainer.profile=true: torch.profiler's trace of steps 3-5, where TensorBoard's profiler
+    tab reads it (the run's TensorBoard folder)."""
+    from metamm_cli.record import tb_folder
+
+    train(compose_cfg(FAST + ["trainer.profile=true", "trainer.threads=1"]), run_dir=tmp_path)
+    traces = list(tb_folder(tmp_path).glob("*.pt.trace.json"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+    import json
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any(e.get("name") == "ProfilerStep#3" for e in events)

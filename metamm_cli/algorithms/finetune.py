@@ -136,14 +136,15 @@ class Finetune(MetaAlgorithm):
     network in eval mode (the paper: the backbone's pooled features, saved once in eval mode);
     the base classes are seen through the meta-batch's episodes (class-balanced support and
     query sets) instead of shuffled minibatches of 16 with data augmentation; the trainer's
-    optimizer (Adam) trains the body and the base head; BatchNorm uses the whole meta-batch's
-    statistics while training (ordinary batches, as in the paper)."""
+    optimizer (Adam) trains the body and the base head; BatchNorm normalises each task's samples
+    while training (a batch of N*(K+Q) images: nearer the paper's minibatches of 16 than the
+    pooled meta-batch), and on the CPU the tasks are embedded one at a time (``execution``)."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, head: str = "linear",
                  scale: Optional[float] = None, finetune_epochs: int = 100, batch_size: int = 4,
                  finetune_lr: float = 0.01, momentum: float = 0.9, dampening: float = 0.9,
-                 weight_decay: float = 0.001):
-        super().__init__(model, way, num_classes, bn_stats="batch")
+                 weight_decay: float = 0.001, execution: str = "auto"):
+        super().__init__(model, way, num_classes, bn_stats="task", execution=execution)
         if head not in HEADS:
             raise ConfigError(f"algorithm.head={head}: must be one of {', '.join(HEADS)}")
         if finetune_epochs < 1:
