@@ -170,6 +170,8 @@ def test_every_paper_preset_builds_and_runs_an_episode(name, datasets):
 
     torch.manual_seed(0)
     cfg = preset_cfg(name, *TINY)
+    if "inner_steps" in cfg.algorithm:  # the shapes, not the papers' 5 to 50 inner steps, are tested here
+        cfg = preset_cfg(name, *TINY, "algorithm.inner_steps=1", "algorithm.inner_steps_eval=1")
     dataset = datasets(cfg)
     algo = build_algorithm(cfg, dataset)
     train = build_sampler(cfg, dataset, "train", "cpu", 2, 0)

@@ -278,8 +278,10 @@ class _TaskGroups:
         if track:
             with torch.no_grad():
                 tracked = self.num_batches_tracked if self.momentum is None else 0  # no host sync
-                self.running_mean.copy_(sequential_running_stats(self.running_mean, mean, self.momentum, tracked))
-                self.running_var.copy_(sequential_running_stats(self.running_var, var, self.momentum, tracked))
+                # through .data, as the native kernel updates them: an autograd graph that saved the
+                # buffers (a native BatchNorm call earlier in the step) must not see a new version
+                self.running_mean.data.copy_(sequential_running_stats(self.running_mean, mean, self.momentum, tracked))
+                self.running_var.data.copy_(sequential_running_stats(self.running_var, var, self.momentum, tracked))
                 self.num_batches_tracked.add_(G)
         return y
 
