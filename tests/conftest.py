@@ -31,6 +31,17 @@ def run_metamm(args, cwd, env=None, check=True):
     return proc
 
 
+# The slowest files first: the workers (pytest-xdist, one file each at a time) then finish
+# together instead of one of them starting a long file last.
+SLOW_FIRST = ("test_sweeps.py", "test_algorithm_cli.py", "test_runs.py", "test_resume.py", "test_paper_presets.py",
+              "test_distributed.py", "test_compare.py", "test_cli.py", "test_selfcontained.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: file order kept
+
+
 def run_cli(argv, monkeypatch, capsys, cwd):
     """`metamm ARGV` in-process (the CLI's own entry point, without a Python start-up): (exit
     code, stdout, stderr)."""

@@ -79,20 +79,16 @@ def test_eval_is_reproducible(smoke_run):
     assert acc and acc == [ln for ln in b.stdout.splitlines() if ln.startswith("accuracy")]
 
 
-def test_resume_continues_exactly(tmp_path):
-    """8 steps + resume to 12 == 12 steps straight (weights equal: RNG and sampler restored)."""
+def test_resume_continues_in_its_folder(tmp_path):
+    """8 steps, then resume to 12 in the same folder, the change printed; `trainer.resume=true`
+    then finds it finished. (Bit-identical to an uninterrupted run: tests/test_resume.py.)"""
     base = ["train", *SMOKE, "trainer.val_every=100", "trainer.ckpt_every=100", "trainer.threads=1"]
     first = run_dir_of(run_metamm(base, tmp_path))
     resumed = run_metamm(base + ["trainer.max_steps=12", f"trainer.resume={first}"], tmp_path)
     assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
     assert "resume: trainer.max_steps: 8 -> 12" in resumed.stdout
     assert run_dir_of(resumed) == first  # one run, one folder
-    straight = run_metamm(base + ["trainer.max_steps=12"], tmp_path)
-    a = torch.load(run_dir_of(resumed) / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(run_dir_of(straight) / "checkpoints" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 12
-    for k in b["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.load(first / "checkpoints" / "last.pt", weights_only=True)["step"] == 12
     again = run_metamm(base + ["trainer.max_steps=12", "trainer.resume=true"], tmp_path)
     assert "finished at step 12" in again.stdout  # true: the newest last.pt of this task
 
