@@ -150,7 +150,6 @@ def profiler(run):
     context otherwise, and on every rank but 0."""
     import contextlib
 
-    import torch
 
     if not run.cfg.trainer.profile or not (run.world is None or run.world.main):
         return contextlib.nullcontext(None)

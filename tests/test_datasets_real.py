@@ -2,7 +2,6 @@
 definitions on tiny files made here, the cache, the download path (file://) and bad input."""
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import wave

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import SMOKE, compose_cfg, run_metamm
 
 from metamm_cli import ConfigError

@@ -62,7 +62,7 @@ def read_idx(path: Path) -> np.ndarray:
             raise ValueError("not an unsigned-byte IDX file")
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
         return data.reshape(dims)
-    except (OSError, ValueError, struct.error, EOFError) as e:
+    except (OSError, ValueError, struct.error, EOFError):
         raise ConfigError(f"{path}: not a readable MNIST IDX file (corrupt, cut short or not "
                           f"unsigned bytes)") from None
 

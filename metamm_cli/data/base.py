@@ -148,6 +148,25 @@ class MultimodalDataset:
             raise ConfigError(f"the checkpoint's data state is for dataset {other}, not {self.name}")
         return True
 
+    def class_list_state(self) -> dict:
+        """The learned state of a dataset whose classes are tuples (``characters(split)``): the
+        class lists per split, ``/``-joined."""
+        return {"dataset": self.name, "format": 1,
+                "classes": {s: ["/".join(c) for c in self.characters(s)] for s in SPLITS}}
+
+    def load_class_lists(self, state: dict, check) -> None:
+        """Use a :meth:`class_list_state`'s class lists; ``check(split, class_tuple)`` refuses
+        a class today's files no longer have."""
+        if not self._check_state(state) or state.get("classes") is None:
+            return
+        classes = {s: [tuple(str(c).split("/")) for c in state["classes"][s]] for s in SPLITS}
+        for s in SPLITS:
+            for c in classes[s]:
+                check(s, c)
+        self._classes = classes
+        self._cache.clear()
+        self._kept.clear()
+
     def fingerprint(self) -> Dict[str, Dict[str, object]]:
         """``{split: {"files": int, "digest": str}}``: the files each split is built from, by
         name, size and modification time (no content is read); ``{}`` when unknown."""

@@ -338,24 +338,17 @@ class Omniglot(MultimodalDataset):
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"dataset": self.name, "format": 1,
-                "classes": {s: ["/".join(c) for c in self.characters(s)] for s in SPLITS}}
+        return self.class_list_state()
 
     def load_state_dict(self, state: dict) -> None:
-        if not self._check_state(state) or state.get("classes") is None:
-            return
-        classes = {s: [tuple(str(c).split("/")) for c in state["classes"][s]] for s in SPLITS}
-        for s in SPLITS:
-            for c in classes[s]:
-                if len(c) != 3 or c[0] not in self.paths:
-                    raise ConfigError(f"the checkpoint's omniglot class '{'/'.join(c)}' is not "
-                                      f"ARCHIVE/Alphabet/characterNN")
-                if (c[1], c[2]) not in self.index(c[0]).entries:
-                    raise ConfigError(f"{self.paths[c[0]]}: character {c[1]}/{c[2]} of the {s} split "
-                                      f"is missing; the checkpoint was trained with it")
-        self._classes = classes
-        self._cache.clear()
-        self._kept.clear()
+        def check(s, c):
+            if len(c) != 3 or c[0] not in self.paths:
+                raise ConfigError(f"the checkpoint's omniglot class '{'/'.join(c)}' is not "
+                                  f"ARCHIVE/Alphabet/characterNN")
+            if (c[1], c[2]) not in self.index(c[0]).entries:
+                raise ConfigError(f"{self.paths[c[0]]}: character {c[1]}/{c[2]} of the {s} split "
+                                  f"is missing; the checkpoint was trained with it")
+        self.load_class_lists(state, check)
 
     def fingerprint(self) -> Dict[str, Dict[str, object]]:
         """Per split, the archives its characters come from (a zip, or an extracted folder's

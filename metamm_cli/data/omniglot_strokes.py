@@ -162,24 +162,18 @@ class OmniglotStrokes(MultimodalDataset):
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"dataset": self.name, "format": 1,
-                "classes": {s: ["/".join(c) for c in self.characters(s)] for s in SPLITS}}
+        return self.class_list_state()
 
     def load_state_dict(self, state: dict) -> None:
-        if not self._check_state(state) or state.get("classes") is None:
-            return
         images, strokes = self.archives()
         have = {k for arc in strokes for k in arc.entries}
-        classes = {s: [tuple(str(c).split("/")) for c in state["classes"][s]] for s in SPLITS}
-        for s in SPLITS:
-            for c in classes[s]:
-                if c not in have or c not in images.entries:
-                    where = "stroke files" if c not in have else f"PNGs in {images.path}"
-                    raise ConfigError(f"dataset.root={self.root}: character {'/'.join(c)} of the {s} "
-                                      f"split has no {where} any more; the checkpoint was trained with it")
-        self._classes = classes
-        self._cache.clear()
-        self._kept.clear()
+
+        def check(s, c):
+            if c not in have or c not in images.entries:
+                where = "stroke files" if c not in have else f"PNGs in {images.path}"
+                raise ConfigError(f"dataset.root={self.root}: character {'/'.join(c)} of the {s} "
+                                  f"split has no {where} any more; the checkpoint was trained with it")
+        self.load_class_lists(state, check)
 
     def fingerprint(self) -> Dict[str, Dict[str, object]]:
         """The image and stroke archives (zips, or extracted folders' files), by name, size and
