@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import yaml
 
 from metamm_cli import ConfigError
+from metamm_cli.robustness import ENSEMBLE_FILE
 
 # Override keys that say where or how a run was recorded, not what was trained.
 BOOKKEEPING = {"exp", "sweep", "trainer.resume", "trainer.progress", "trainer.tensorboard", "output_root", "search.trial", "trainer.test",
@@ -31,12 +32,16 @@ SEED = "seed"
 # Accuracy metrics (percent, shown with ± std or the run's CI) then plain numbers; "test:NAME" per eval set.
 ACC_METRICS = ("best_val", "final_val", "test")
 PLAIN_METRICS = ("steps", "wall_time_s", "episodes_per_s")
+# Summaries of the robustness curve (eval.missing_sweep's "all": every modality missing at each
+# rate), in accuracy points (robustness.py): relative, and effective against the late-fusion row.
+ROBUST_METRICS = ("robustness", "effective_robustness")
 # Runs of a preset that records its paper's result (preset.paper.accuracy): that number, and the
 # wall time of the first validation at or above it.
 PAPER_METRICS = ("paper", "time_to_paper_s")
 HEADERS = {"best_val": "best val", "final_val": "final val", "test": "test", "steps": "steps",
            "wall_time_s": "wall time", "episodes_per_s": "episodes/s", "paper": "paper",
-           "time_to_paper_s": "time to paper"}
+           "time_to_paper_s": "time to paper", "robustness": "rel. robustness",
+           "effective_robustness": "eff. robustness"}
 ASCENDING = {"wall_time_s", "time_to_paper_s"}  # sort keys where smaller is better
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: hydra.yaml is long
 SKIP_DIRS = {"__pycache__", "node_modules", "checkpoints", "tb"}
@@ -112,6 +117,8 @@ def status_of(folder: Path, metrics: Optional[Dict], config: Dict) -> str:
     or was killed)."""
     if is_running(folder):
         return "running"
+    if (Path(folder) / ENSEMBLE_FILE).is_file():  # robustness.make_ensembles: nothing was trained
+        return "ensemble"
     if metrics is None or (Path(folder) / "failed.json").is_file():
         return "failed"
     if metrics.get("status") == "pruned":
@@ -314,7 +321,49 @@ def summarize(values: Sequence[Optional[float]], cis: Sequence[Optional[float]] 
 def metric_names(runs: List[Dict]) -> List[str]:
     sets = sorted({name for r in runs for name in r["tests"] if name})
     paper = PAPER_METRICS if any(r.get("paper") is not None for r in runs) else ()
-    return ["best_val", "final_val", "test", *(f"test:{s}" for s in sets), *paper, *PLAIN_METRICS]
+    robust = ROBUST_METRICS if any(robust_curve(r) for r in runs) else ()
+    return ["best_val", "final_val", "test", *(f"test:{s}" for s in sets), *robust, *paper, *PLAIN_METRICS]
+
+
+def missing_sweep(run: Dict) -> Dict[str, list]:
+    """The run's ``missing_sweep`` curves: from eval.json, else the first eval-NAME.json with one."""
+    for name in sorted(run["tests"]):  # "" (eval.json) sorts first
+        sweep = (run["tests"][name] or {}).get("missing_sweep")
+        if sweep:
+            return sweep
+    return {}
+
+
+def robust_curve(run: Dict) -> List[Dict]:
+    """The run's robustness curve: accuracy against the rate of every modality missing at once."""
+    return missing_sweep(run).get("all") or []
+
+
+def is_late(run: Dict) -> bool:
+    """A late-fusion run (``fusion=late``): the reference of effective robustness."""
+    return str(((run.get("config") or {}).get("fusion") or {}).get("_target_", "")).endswith(".Late")
+
+
+def add_effective_robustness(runs: List[Dict]) -> None:
+    """Each run's effective robustness against the mean late-fusion curve of the same dataset
+    (``effective_robustness`` in the run dict; None without exactly one late-fusion setting)."""
+    from metamm_cli.robustness import effective_robustness, relative_robustness
+
+    late: Dict[str, List[Dict]] = {}
+    for r in runs:
+        if is_late(r) and robust_curve(r):
+            late.setdefault(str((r["config"].get("dataset") or {}).get("_target_")), []).append(r)
+    for r in runs:
+        curve = robust_curve(r)
+        r["robustness"] = relative_robustness(curve) if curve else None
+        refs = late.get(str((r["config"].get("dataset") or {}).get("_target_")), [])
+        r["effective_robustness"] = None
+        if curve and refs and len({fingerprint(x) for x in refs}) == 1:
+            rates = sorted({p["rate"] for x in refs for p in robust_curve(x)})
+            mean = [{"rate": q, "accuracy": statistics.fmean(p["accuracy"] for x in refs for p in robust_curve(x)
+                                                             if p["rate"] == q and p.get("accuracy") is not None)}
+                    for q in rates]
+            r["effective_robustness"] = effective_robustness(curve, mean)
 
 
 def metric_of(run: Dict, metric: str) -> Tuple[Optional[float], Optional[float]]:
@@ -359,6 +408,7 @@ def table(runs: List[Dict], sort: Optional[str] = None) -> List[Dict[str, Any]]:
     (default: test accuracy if any run has one, else best validation accuracy). A row:
     ``settings`` {column: value}, ``n``, ``seeds``, ``status``, ``metrics`` {name: summarize(...)},
     ``runs`` (each run's own numbers), ``sort``."""
+    add_effective_robustness(runs)
     groups: Dict[str, List[Dict]] = {}
     for run in runs:
         groups.setdefault(fingerprint(run), []).append(run)
@@ -504,6 +554,30 @@ def render(rows: List[Dict], fmt: str = "md") -> str:
     for row in rows:
         values = [*row["settings"].values(), str(row["n"]), row["status"], *cells(row, metrics)]
         lines.append("| " + " | ".join(v.replace("|", "\\|") for v in values) + " |")
+    return "\n".join(lines)
+
+
+def robustness_table(rows: List[Dict]) -> str:
+    """The robustness curves as a Markdown table: per setting (with a curve), the accuracy with
+    every modality missing at each rate (mean over its runs ± the 95% CI of that mean; one run:
+    its own CI), then the relative and effective robustness; '' when no run has a curve."""
+    curves = [(row, [robust_curve(r) for r in row["runs"] if robust_curve(r)]) for row in rows]
+    curves = [(row, c) for row, c in curves if c]
+    if not curves:
+        return ""
+    from metamm_cli.plots import curve
+
+    rates = sorted({p["rate"] for _, cs in curves for c in cs for p in c})
+    cols = list(rows[0]["settings"])
+    heads = [*cols, "n", *(f"missing {r:g}" for r in rates), "rel. robustness", "eff. robustness"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for row, cs in curves:
+        xs, mean, band = curve([{p["rate"]: (p["accuracy"], p.get("ci95")) for p in c if p.get("accuracy") is not None}
+                                for c in cs])
+        at = dict(zip(xs, zip(mean, band)))
+        cells_ = [f"{at[r][0]:.2f} ± {at[r][1]:.2f}" if r in at else "-" for r in rates]
+        rob = [fmt_acc(row["metrics"][m], row["n"]) if m in row["metrics"] else "-" for m in ROBUST_METRICS]
+        lines.append("| " + " | ".join([*row["settings"].values(), str(len(cs)), *cells_, *rob]) + " |")
     return "\n".join(lines)
 
 
@@ -692,6 +766,12 @@ def main(argv: List[str]) -> int:
     problems = []
     if args.eval or sets:
         problems = evaluate_runs(folders, {"": [], **sets})
+        from metamm_cli.robustness import make_ensembles
+
+        made = make_ensembles([load_run(f) for f in folders], out=sys.stderr)
+        if made:  # the single-modality runs' ensemble: the baseline of the robustness curves
+            problems += evaluate_runs(made, {"": [], **sets})
+            folders += [f.resolve() for f in made if f.resolve() not in folders]
     runs = [load_run(f) for f in folders]
     rows = table(runs, args.sort)
     for name in ["", *sets] if (args.eval or sets) else []:
@@ -708,6 +788,11 @@ def main(argv: List[str]) -> int:
         print(text)
         if args.format == "md":
             print("\n" + legend(rows))
+            robust = robustness_table(rows)
+            if robust:
+                print("\nrobustness: accuracy with every modality missing at each rate (mean ± 95% CI; "
+                      "rel. robustness: its mean over the rates; eff. robustness: above late fusion's "
+                      "curve shifted to the same clean accuracy; accuracy points)\n" + robust)
     if args.plot:
         from metamm_cli.plots import plot
         print(f"wrote {plot(rows, Path(args.plot))}")

@@ -116,6 +116,9 @@ class MissingConfig:
     episode): ``train`` while training, ``test`` for validation and evaluation."""
     train: Dict[str, float] = field(default_factory=dict)
     test: Dict[str, float] = field(default_factory=dict)
+    schedule: str = "fixed"  # training: fixed rates | uniform: each task's rates drawn in [0, rate]
+    warmup: int = 0  # training: steps over which the train rates (and crossmodal) ramp from 0
+    crossmodal: float = 0.0  # training: probability that a task is cross-modal (support one modality, query another)
 
 
 @dataclass
@@ -139,6 +142,13 @@ class PresetConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """Set by a ``+recipe=`` training recipe: its name, and whether it needs the shared space."""
+    name: str = ""
+    shared_space: bool = False  # refused with mapping=none
+
+
+@dataclass
 class TrainConfig:
     task_name: str = "default"
     seed: int = 0
@@ -154,6 +164,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     missing: MissingConfig = field(default_factory=MissingConfig)
     preset: PresetConfig = field(default_factory=PresetConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
@@ -213,6 +224,10 @@ def instantiate_checked(node: DictConfig, key: str, convert: str = "none", **kwa
         return instantiate(node, _convert_=convert, **kwargs)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{key}: a required value is not set ({' '.join(str(e).split())})") from e
+    except Exception as e:  # noqa: BLE001 - Hydra wraps the target's own one-line ConfigError
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
 
 
 def job_dirname(overrides: str, limit: int = 120) -> str:
@@ -265,6 +280,9 @@ _RANGES = [
     ("eval.episodes", lambda v: v >= 1, ">= 1"),
     ("eval.tasks_per_batch", lambda v: v >= 1, ">= 1"),
     ("align.weight", lambda v: v >= 0, ">= 0"),
+    ("missing.schedule", lambda v: v in ("fixed", "uniform"), "fixed or uniform"),
+    ("missing.warmup", lambda v: v >= 0, ">= 0"),
+    ("missing.crossmodal", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("align.temperature", lambda v: v > 0, "> 0"),
 ]
 
@@ -276,6 +294,8 @@ def check_ranges(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is out of range: must be {allowed}")
     for phase in ("train", "test"):
         for m, p in (OmegaConf.select(cfg, f"missing.{phase}") or {}).items():
+            if not isinstance(p, (int, float)) or isinstance(p, bool):
+                raise ConfigError(f"missing.{phase}.{m}={p}: a probability, must be a number in [0, 1]")
             if not 0 <= p <= 1:
                 raise ConfigError(f"missing.{phase}.{m}={p} is out of range: must be in [0, 1]")
     for p in OmegaConf.select(cfg, "eval.missing_sweep") or []:
@@ -291,6 +311,11 @@ def check_ranges(cfg: DictConfig) -> None:
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{group}: needs a config with a _target_ (pick one with {group}=NAME)")
     check_preset(cfg)
+    recipe = OmegaConf.select(cfg, "recipe")
+    mapping = OmegaConf.select(cfg, "mapping.kind", default="none")
+    if recipe is not None and recipe.shared_space and mapping == "none":
+        raise ConfigError(f"+recipe={recipe.name} trains a shared space across modalities, and mapping=none "
+                          f"has none: set mapping=linear (or mlp), or drop the recipe")
 
 
 def dataset_name(cfg: DictConfig) -> str:

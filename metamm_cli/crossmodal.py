@@ -78,10 +78,9 @@ class Alignment(nn.Module):
             raise ConfigError(f"align.temperature={temperature} is out of range: must be > 0")
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
 
-    def forward(self, model, episode: Episode) -> torch.Tensor:
-        inputs = {m: torch.cat([episode.support[m], episode.query[m]], 1) for m in episode.support}
-        present = torch.cat([episode.support_present, episode.query_present], 1)
-        feats = model.encode(inputs, present)
+    def forward(self, feats: Dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        """``feats {m: [T, S, D]}`` the per-modality embeddings of an episode's samples,
+        ``present [T, S, M]`` -> the mean InfoNCE over the co-occurring pairs of modalities."""
         mods = list(feats)
         scale = self.log_scale.exp().clamp(max=100)
         losses = []
@@ -107,22 +106,43 @@ def attach(algo: nn.Module, cfg: DictConfig, modalities: Sequence[str]) -> nn.Mo
     if weight > 0:
         algo.alignment = Alignment(float(align.get("temperature", 0.07)))
     stash: Dict[str, Episode] = {}
+    fusion_aux = hasattr(algo.model.fusion, "aux_loss")  # e.g. fusion=impute's predictors
+    extra = weight > 0 or fusion_aux
 
     if support_keep is not None or query_keep is not None:
         def pre(module, args):
-            if weight > 0:
+            if extra:
                 stash["episode"] = args[0]
             return (restrict(args[0], support_keep, query_keep), *args[1:])
         algo.register_forward_pre_hook(pre)
 
-    if weight > 0:
+    if extra:
+        algo.reuse_features = True  # the hook below calls forget() after every forward
+
         def post(module, args, output):
-            episode = stash.pop("episode", args[0])  # alignment sees all of a sample's modalities
+            episode = stash.pop("episode", args[0])  # these terms see all of a sample's modalities
             if not module.training:
                 return output
             loss, logits = output
-            with module.task_groups(episode.num_tasks):  # BatchNorm statistics per task, as the loss's
-                return loss + weight * module.alignment(module.model, episode), logits
+            try:
+                return loss + auxiliary_loss(module, episode, weight), logits
+            finally:
+                module.forget()
         algo.register_forward_hook(post)
     return algo
 
+
+def auxiliary_loss(algo: nn.Module, episode: Episode, weight: float) -> torch.Tensor:
+    """The terms added to an algorithm's training loss, from one more embedding of the episode's
+    samples (support and query, per task as the algorithm embeds): ``weight *`` the alignment
+    (``align.weight``) and the fusion's own ``aux_loss`` (``fusion=impute``'s predictors)."""
+    present = episode.present
+    feats = algo.episode_features(episode)
+    total = 0
+    if weight > 0:
+        total = weight * algo.alignment(feats, present)
+    aux = getattr(algo.model.fusion, "aux_loss", None)
+    if aux is not None:
+        term = aux(feats, present)
+        total = total + term if term is not None else total
+    return total

@@ -84,17 +84,21 @@ def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_
 
 def missing_sweep(algo: MetaAlgorithm, cfg: DictConfig, dataset, split: str, device,
                   autocast=contextlib.nullcontext) -> Dict[str, list]:
-    """``eval.missing_sweep``: accuracy with one modality missing at each rate, the others
-    present, on the same episodes (same seed) for every point; printed as a table."""
+    """``eval.missing_sweep``: accuracy at each rate with every modality missing at that rate
+    together (``all``, the robustness curve; with two or more modalities), then with each one
+    missing alone, the others present; the same episodes (same seed) for every point, and
+    nested masks (a sample missing at 0.25 is missing at 0.5). Printed as a table."""
     V, rates = cfg.eval, [float(r) for r in cfg.eval.missing_sweep]
+    names = list(dataset.modalities)
     curves = {}
-    for m in dataset.modalities:
-        curves[m] = []
+    for key in (["all"] if len(names) > 1 else []) + names:
+        curves[key] = []
         for r in rates:
-            sampler = build_sampler(cfg, dataset, split, device, V.tasks_per_batch, V.seed, {m: r})
-            curves[m].append({"rate": r, **evaluate(algo, sampler, V.episodes, V.tasks_per_batch,
-                                                     autocast)})
-    print(f"accuracy with one modality missing at each rate (95% CI, {V.episodes} episodes each):")
+            sampler = build_sampler(cfg, dataset, split, device, V.tasks_per_batch, V.seed, {key: r})
+            curves[key].append({"rate": r, **evaluate(algo, sampler, V.episodes, V.tasks_per_batch,
+                                                       autocast)})
+    print(f"accuracy with modalities missing at each rate (all: every modality at once; 95% CI, "
+          f"{V.episodes} episodes each):")
     print("rate    " + "".join(f"{m:>16}" for m in curves))
     for i, r in enumerate(rates):
         print(f"{r:<8.2f}" + "".join(f"{c[i]['accuracy']:>9.2f} +- {c[i]['ci95']:<4.2f}"
@@ -203,13 +207,17 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
     changed = describe_changes(data.get("fingerprint"), dataset.fingerprint())
     if changed:
         log.warning(f"data changed: {changed}; this evaluation uses today's files")
-    algo = build_algorithm(run_cfg, dataset, way=state["config"]["episode"]["way"]).to(device)
-    try:
-        algo.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ConfigError(f"--ckpt {state['path']}: its weights do not fit the model of the "
-                          f"overridden config (was an encoder, fusion or algorithm key changed? "
-                          f"{mismatch(algo, state['model'])})") from e
+    if "ensemble" in state:  # a per-modality ensemble (robustness.py): its members' own models
+        from metamm_cli.algorithms.ensemble import ensemble_from
+        algo = ensemble_from(state, run_cfg, dataset).to(device)
+    else:
+        algo = build_algorithm(run_cfg, dataset, way=state["config"]["episode"]["way"]).to(device)
+        try:
+            algo.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ConfigError(f"--ckpt {state['path']}: its weights do not fit the model of the "
+                              f"overridden config (was an encoder, fusion or algorithm key changed? "
+                              f"{mismatch(algo, state['model'])})") from e
     V = run_cfg.eval
     split = enum_name(V.split)
     if enum_name(V.task) == "retrieval":  # cross-modal retrieval instead of episodes

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from metamm_cli import ConfigError
+from metamm_cli.compare import missing_sweep
 
 NEEDS = '--plot needs matplotlib: pip install "metamm[plot]"'
 
@@ -99,15 +100,6 @@ def accuracy_bars(ax, rows: List[Dict], colors) -> None:
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(4, len(metrics)))
 
 
-def missing_sweep(run: Dict) -> Dict[str, list]:
-    """The run's ``missing_sweep`` curves: from eval.json, else the first eval-NAME.json with one."""
-    for name in sorted(run["tests"]):  # "" (eval.json) sorts first
-        sweep = (run["tests"][name] or {}).get("missing_sweep")
-        if sweep:
-            return sweep
-    return {}
-
-
 def sweep_modalities(rows: List[Dict]) -> List[str]:
     return list(dict.fromkeys(m for row in rows for run in row["runs"] for m in missing_sweep(run)))
 
@@ -123,9 +115,13 @@ def robustness(ax, rows: List[Dict], modality: str, colors) -> None:
             continue
         xs, mean, band = curve(series)
         color = colors[i % len(colors)]
-        ax.errorbar(xs, mean, yerr=band, marker="o", markersize=3, capsize=3, color=color, label=row_label(row))
-    ax.set_title(f"(c) {modality} missing")
-    ax.set_xlabel(f"rate of samples without {modality}")
+        baseline = row["status"] == "ensemble"  # the per-modality ensemble: dashed, the bar to clear
+        ax.errorbar(xs, mean, yerr=band, marker="o", markersize=3, capsize=3, color=color,
+                    linestyle="--" if baseline else "-", label=row_label(row))
+    every = modality == "all"
+    ax.set_title("(c) every modality missing at once" if every else f"(c) {modality} missing")
+    ax.set_xlabel("rate at which each modality of a sample is missing (never its last)" if every
+                  else f"rate of samples without {modality}")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
 

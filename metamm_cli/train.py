@@ -75,6 +75,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     make_deterministic(T.deterministic)
     stored = (ckpt or {}).get("data") or {}
     dataset = build_dataset(cfg.dataset, stored.get("state"))  # a resumed run keeps its preprocessing
+    if cfg.dataset.get("modalities") is not None:  # positions ([1]) recorded as the names they stand for
+        cfg.dataset.modalities = list(dataset.modalities)
     fingerprint = dataset.fingerprint()
     changed = describe_changes(stored.get("fingerprint"), fingerprint) if ckpt is not None else None
     if changed:
@@ -113,6 +115,7 @@ def train_step(run: Run, stop: bool = False) -> bool:
     requested on any rank (``stop``) is returned on every rank. Returns whether to stop."""
     T, S, w = run.cfg.trainer, run.state, run.world
     part = w.part(T.meta_batch) if w.distributed else None
+    run.train_sampler.at_step(S.step)  # missing.warmup's ramp
     episode = run.train_sampler.sample(part=part)
     before = snapshot(run.algo) if w.distributed else None
     run.optimizer.zero_grad(set_to_none=True)

@@ -169,7 +169,7 @@ def test_eval_writes_paired_reports_in_every_run(evaluated, outputs):
         for run in row["runs"]:
             report = json.loads((Path(run["path"]) / "eval.json").read_text())
             assert run["tests"][""]["value"] == pytest.approx(report["accuracy"])
-            assert set(run["tests"]["robust"]["missing_sweep"]) == {"image", "audio", "tokens"}
+            assert set(run["tests"]["robust"]["missing_sweep"]) == {"all", "image", "audio", "tokens"}
     print(f"compare --eval, 2 sets + a missing sweep, {len(runs)} runs: {evaluated['seconds']:.1f} s")
 
 
@@ -212,7 +212,7 @@ def test_plot_is_a_real_image(evaluated, tmp_path, capsys, outputs):
         assert gray.getextrema()[0] < 128 < gray.getextrema()[1]  # ink on paper, not blank
         assert len(gray.getcolors(maxcolors=1 << 16)) > 20
     rows = table([load_run(r) for r in find_runs([outputs])])
-    assert sweep_modalities(rows) == ["image", "audio", "tokens"]  # (c): one panel each
+    assert sweep_modalities(rows) == ["all", "image", "audio", "tokens"]  # (c): one panel each, all first
 
 
 def test_plot_without_matplotlib_is_one_line(monkeypatch, outputs, tmp_path):

@@ -75,8 +75,8 @@ def test_alignment_term_is_added_with_its_weight_and_learns_its_temperature():
     algo.load_state_dict(base.state_dict(), strict=False)
     plain, _ = base(episode)
     loss, _ = algo(episode)
-    with algo.task_groups(episode.num_tasks):  # the alignment's BatchNorm statistics are per task too
-        extra = algo.alignment(algo.model, episode)
+    inputs, present = episode.samples()  # the alignment's BatchNorm statistics are per task too
+    extra = algo.alignment(algo.encode_modalities(inputs, present), present)
     torch.testing.assert_close(loss, plain + 0.5 * extra)
     loss.backward()
     assert algo.alignment.log_scale.grad is not None and algo.alignment.log_scale.grad != 0

@@ -3,14 +3,17 @@ a non-zero exit and no traceback (HYDRA_FULL_ERROR=1 brings the traceback back).
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import SMOKE, run_cli, run_metamm
 
+from metamm_cli.config import config_dir
+
 TRAIN = ["train", *SMOKE]
 CASES = [
-    (TRAIN + ["fusion=nope"], ["fusion/nope", "am3, attention, concat, film, gated, graph, late, lowrank, mean, mlp, weighted"]),
+    (TRAIN + ["fusion=nope"], ["fusion/nope", ", ".join(sorted(p.stem for p in Path(config_dir()).glob("fusion/*.yaml")))]),
     (TRAIN + ["encoder/image=nope"], ["encoder/image/nope", "conv4, mlp"]),
     (TRAIN + ["+exp=nope"], ["exp/nope", "smoke"]),
     (TRAIN + ["episode.way=0"], ["episode.way=0", ">= 2"]),

@@ -11,7 +11,7 @@ from conftest import SMOKE, compose_cfg, run_metamm
 
 from metamm_cli import ConfigError
 from metamm_cli.algorithms import build_algorithm
-from metamm_cli.algorithms.protonet import squared_euclidean
+from metamm_cli.algorithms.protonet import prototypes, squared_euclidean
 from metamm_cli.data.synthetic import SyntheticMultimodal
 from metamm_cli.models.fusion import AM3, FiLM, DeepMLP, Graph, Late, LowRank, Mean
 from metamm_cli.models.net import Mapping, MultimodalNet
@@ -28,6 +28,14 @@ def garbage_where_absent(feats, present):
 
 def score(zq, protos):
     return -squared_euclidean(zq, protos)
+
+
+def compare(zq, zs, mask, labels, way):
+    """ProtoNet's class_scores: the negative squared distance to the masked class mean."""
+    return score(zq, prototypes(zs, labels, way, mask))
+
+
+SCORER = {"scores": score, "class_scores": compare}
 
 
 def randomise(module):
@@ -69,9 +77,10 @@ def test_prototype_fusions_masking_and_gradients(cls):
     fusion = cls(MODS, 5)
     randomise(fusion)
     sup, sp, labels, qry, qp = episode_feats()
-    out = fusion.logits(sup, sp, labels, qry, qp, 3, score)
+    out = fusion.logits(sup, sp, labels, qry, qp, 3, SCORER[fusion.needs])
     assert out.shape == (2, 4, 3) and torch.isfinite(out).all()
-    again = fusion.logits(garbage_where_absent(sup, sp), sp, labels, garbage_where_absent(qry, qp), qp, 3, score)
+    again = fusion.logits(garbage_where_absent(sup, sp), sp, labels, garbage_where_absent(qry, qp), qp, 3,
+                          SCORER[fusion.needs])
     torch.testing.assert_close(again, out)
     out.sum().backward()
     for name, p in fusion.named_parameters():
@@ -173,8 +182,8 @@ def test_am3_and_late_by_hand():
     w = torch.softmax(torch.tensor([0.0, 1.0]), 0)
     s_img = -torch.cdist(qry["image"][0], p_img) ** 2
     s_aud = -torch.cdist(qry["audio"][0], p_aud) ** 2
-    torch.testing.assert_close(late.logits(sup, sp, labels, qry, qp, 2, score)[0], w[0] * s_img + w[1] * s_aud)
-    only_img = late.logits(sup, sp, labels, qry, torch.tensor([[[True, False]]]), 2, score)[0]
+    torch.testing.assert_close(late.logits(sup, sp, labels, qry, qp, 2, compare)[0], w[0] * s_img + w[1] * s_aud)
+    only_img = late.logits(sup, sp, labels, qry, torch.tensor([[[True, False]]]), 2, compare)[0]
     torch.testing.assert_close(only_img, s_img)  # renormalised over the shared modalities
 
 

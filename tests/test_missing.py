@@ -102,10 +102,10 @@ def test_eval_missing_rate_and_sweep_cli(smoke_run, tmp_path):
     common = ["--ckpt", run, "eval.episodes=20", "eval.tasks_per_batch=10"]
     proc = run_metamm(["eval", *common, "missing.test.audio=0.5", "eval.missing_sweep=[0,0.5,1]"],
                       tmp_path)
-    assert "accuracy with one modality missing at each rate" in proc.stdout
+    assert "accuracy with modalities missing at each rate (all: every modality at once" in proc.stdout
     report = json.loads(next((tmp_path / "outputs" / "evals").glob("*/eval.json")).read_text())
     curves = report["missing_sweep"]
-    assert set(curves) == {"image", "audio", "tokens"}
+    assert list(curves) == ["all", "image", "audio", "tokens"]
     assert [pt["rate"] for pt in curves["audio"]] == [0.0, 0.5, 1.0]
     assert all({"accuracy", "ci95", "episodes"} <= set(pt) for c in curves.values() for pt in c)
     # every curve starts from the same episodes with nothing missing ...
@@ -117,7 +117,7 @@ def test_eval_missing_rate_and_sweep_cli(smoke_run, tmp_path):
     bad = run_metamm(["eval", *common, "missing.test.video=0.5"], tmp_path, check=False)
     assert bad.returncode != 0 and bad.stderr.strip() == (
         "metamm eval: error: missing.test.video: not a modality of the dataset; "
-        "choose among ['image', 'audio', 'tokens']")
+        "choose among ['image', 'audio', 'tokens'] (or all: every modality)")
 
 
 def test_range_checks():

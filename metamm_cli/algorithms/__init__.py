@@ -27,8 +27,18 @@ def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[i
         key = "episode.way" if cfg.episode.way != trained else "eval.way"
         raise ConfigError(f"{key}={test_way} is impossible: {algo.fixed_way()}; evaluate at the training way: "
                           + (f"episode.way={trained}" if key == "episode.way" else f"eval.way=null or {trained}"))
-    if getattr(algo.model.fusion, "level", "sample") == "prototype" and not getattr(algo, "prototype_fusion", False):
-        raise ConfigError(f"fusion={type(algo.model.fusion).__name__.lower()} works on prototypes and "
-                          f"has no sample embedding: use a metric algorithm (protonet), not "
-                          f"{type(algo).__name__}")
+    fusion = algo.model.fusion
+    if getattr(fusion, "level", "sample") == "prototype" and not implements(algo, fusion.needs):
+        users = "protonet" if fusion.needs == "scores" else "protonet, matching or relation"
+        raise ConfigError(f"fusion={type(fusion).__name__.lower()} works on prototypes and has no sample "
+                          f"embedding: use a metric algorithm that compares queries with classes "
+                          f"({users}), not {type(algo).__name__}")
+    if hasattr(fusion, "check"):  # a fusion's start-up checks of the setting it is used in
+        fusion.check(cfg, list(dataset.modalities), shared=hasattr(algo.model, "mapping"))
     return attach(algo, cfg, list(dataset.modalities))  # cross-modal episodes, align.weight
+
+
+def implements(algo: MetaAlgorithm, method: str) -> bool:
+    """Whether ``algo`` overrides the base class's ``method`` (``class_scores``, ``scores``)."""
+    own = getattr(type(algo), method, None)
+    return own is not None and own is not getattr(MetaAlgorithm, method, None)

@@ -1,6 +1,8 @@
 """``algorithm=align``: contrastive alignment of the modalities alone, scored like ProtoNet."""
 from __future__ import annotations
 
+import torch
+
 from metamm_cli.algorithms.protonet import ProtoNet
 from metamm_cli.crossmodal import Alignment
 
@@ -17,5 +19,5 @@ class AlignProtoNet(ProtoNet):
 
     def forward(self, episode):
         _, logits = super().forward(episode)
-        with self.task_groups(episode.num_tasks):  # it embeds [T, S+Q] in one call
-            return self.align(self.model, episode), logits.detach()
+        inputs, present = episode.samples()
+        return self.align(self.encode_modalities(inputs, present), present), logits.detach()

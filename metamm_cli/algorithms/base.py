@@ -81,11 +81,59 @@ class MetaAlgorithm(nn.Module):
             z = self.model(flat, present.reshape(-1, present.shape[-1]))
         return z.reshape(*lead, -1)
 
+    def encode_modalities(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-modality embeddings (before the fusion) of ``[T, n, ...]`` inputs -> ``{m: [T, n, D]}``,
+        per task or in one call as :meth:`embed` (BatchNorm statistics per task, ``bn_stats``)."""
+        T = present.shape[0]
+        if self.looped(present.device):
+            parts = [self.model.encode({m: x[t:t + 1] for m, x in inputs.items()}, present[t:t + 1])
+                     for t in range(T)]
+            return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
+        with self.task_groups(T):
+            return self.model.encode(inputs, present)
+
+    def episode_features(self, episode: Episode) -> Dict[str, torch.Tensor]:
+        """:meth:`encode_modalities` of the episode's support then query samples. While training,
+        the result is kept for the rest of the forward pass (an episode restricted to some
+        modalities holds the same inputs), so the terms added to the loss (alignment, an
+        imputation loss) reuse the embeddings of a score-level fusion instead of embedding the
+        episode again; :meth:`forget` drops it."""
+        keep = self.training and self.reuse_features
+        kept = self.__dict__.get("_features")
+        if keep and kept is not None and kept[0] is episode.support and kept[1] is episode.query:
+            return kept[2]
+        feats = self.encode_modalities(*episode.samples())
+        if keep:
+            self.__dict__["_features"] = (episode.support, episode.query, feats)
+        return feats
+
+    reuse_features = False  # set where a forward hook uses episode_features and calls forget()
+
+    def forget(self) -> None:
+        self.__dict__.pop("_features", None)
+
+    def class_scores(self, zq: torch.Tensor, zs: torch.Tensor, mask: Optional[torch.Tensor],
+                     labels: torch.Tensor, way: int) -> torch.Tensor:  # pragma: no cover - interface
+        """The metric algorithms' comparison of queries with classes: ``zq [T, Q, D]`` against the
+        support samples ``zs [T, S, D]`` (labels ``[T, S]``) for which ``mask [T, S]`` holds (None:
+        all) -> ``[T, Q, way]``, higher = more likely. Score-level fusions (``fusion=presence``,
+        ``late``) call it once per pair of modalities."""
+        raise NotImplementedError
+
+    def episode_scores(self, episode: Episode) -> torch.Tensor:
+        """The query-class scores ``[T, N*Q, N]`` of a metric algorithm: the fused embeddings
+        through :meth:`class_scores`, or, with a score-level fusion, the fusion's combination of
+        per-modality ``class_scores``."""
+        fusion = self.model.fusion
+        if getattr(fusion, "level", "sample") == "prototype":
+            return fusion.episode_logits(self, episode)
+        zs, zq = self.embed_episode(episode)
+        return self.class_scores(zq, zs, None, episode.support_labels, episode.way)
+
     def embed_episode(self, episode: Episode) -> Tuple[torch.Tensor, torch.Tensor]:
         """Support and query of every task embedded in one call -> ``[T, N*K, D]``, ``[T, N*Q, D]`` (float)."""
         nk = episode.support_labels.shape[1]
-        inputs = {m: torch.cat([episode.support[m], episode.query[m]], 1) for m in episode.support}
-        present = torch.cat([episode.support_present, episode.query_present], 1)
+        inputs, present = episode.samples()
         z = upcast(self.embed(inputs, present))
         return z[:, :nk], z[:, nk:]
 

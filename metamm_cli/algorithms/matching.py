@@ -14,10 +14,16 @@ from metamm_cli.algorithms.protonet import cosine_similarity
 
 
 def matching_log_probs(zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor, way: int,
-                       scale: float = 1.0) -> torch.Tensor:
+                       scale: float = 1.0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``log sum_i a(q, s_i) onehot(y_i)`` with ``a = softmax_i(scale * cos(q, s_i))``:
-    ``zs [T, S, D]``, ``ys [T, S]``, ``zq [T, Q, D]`` -> ``[T, Q, way]``."""
-    attn = (scale * cosine_similarity(zq, zs)).softmax(-1)  # [T, Q, S]
+    ``zs [T, S, D]``, ``ys [T, S]``, ``zq [T, Q, D]`` -> ``[T, Q, way]``; with ``mask [T, S]``
+    the attention runs over the support samples it keeps."""
+    sim = scale * cosine_similarity(zq, zs)  # [T, Q, S]
+    if mask is not None:
+        sim = sim.masked_fill(~mask[:, None, :], torch.finfo(sim.dtype).min)
+    attn = sim.softmax(-1)
+    if mask is not None:
+        attn = attn * mask[:, None, :]
     return (attn @ F.one_hot(ys, way).to(attn.dtype)).clamp_min(1e-12).log()
 
 
@@ -59,12 +65,20 @@ class MatchingNet(MetaAlgorithm):
             raise ConfigError(f"algorithm.fce_steps={fce_steps} is out of range: must be >= 1")
         if not scale > 0:
             raise ConfigError(f"algorithm.scale={scale} is out of range: must be > 0")
+        if fce and getattr(model.fusion, "level", "sample") == "prototype":
+            raise ConfigError("algorithm.fce=true reads the whole support set through an LSTM and cannot "
+                              "be split by modality: use a sample-level fusion, or algorithm.fce=false "
+                              "with fusion=presence/late")
         self.fce = FullContextEmbedding(model.out_dim, fce_steps) if fce else None
         self.scale = scale
 
+    def class_scores(self, zq, zs, mask, labels, way):
+        return matching_log_probs(upcast(zs), labels, upcast(zq), way, self.scale, mask)
+
     def forward(self, episode):
-        zs, zq = self.embed_episode(episode)
-        if self.fce is not None:
-            zs, zq = self.fce(zs, zq)
-        logits = matching_log_probs(upcast(zs), episode.support_labels, upcast(zq), episode.way, self.scale)
+        if self.fce is None:
+            logits = self.episode_scores(episode)
+        else:
+            zs, zq = self.fce(*self.embed_episode(episode))
+            logits = self.class_scores(zq, zs, None, episode.support_labels, episode.way)
         return F.nll_loss(logits.flatten(0, 1), episode.query_labels.flatten()), logits

@@ -14,10 +14,15 @@ from metamm_cli.algorithms.base import MetaAlgorithm
 DISTANCES = ("sq_euclidean", "euclidean", "manhattan", "cosine")
 
 
-def prototypes(z: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
-    """Class means: ``z [T, S, D]``, ``labels [T, S]`` in ``0..way-1`` -> ``[T, way, D]``."""
+def prototypes(z: torch.Tensor, labels: torch.Tensor, way: int,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Class means: ``z [T, S, D]``, ``labels [T, S]`` in ``0..way-1`` -> ``[T, way, D]``; with
+    ``mask [T, S]``, the means over the samples it keeps (a class with none: zeros)."""
     onehot = F.one_hot(labels, way).to(z.dtype)  # [T, S, N]
-    return onehot.transpose(1, 2) @ z / onehot.sum(1)[..., None]
+    if mask is None:
+        return onehot.transpose(1, 2) @ z / onehot.sum(1)[..., None]
+    onehot = onehot * mask[..., None].to(z.dtype)
+    return onehot.transpose(1, 2) @ z / onehot.sum(1).clamp_min(1)[..., None]
 
 
 def squared_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -47,8 +52,6 @@ class ProtoNet(MetaAlgorithm):
     (``distance=sq_euclidean`` as in the paper, ``euclidean``, ``manhattan``), or by
     ``cosine`` similarity times a learned temperature (initialised to ``temperature``)."""
 
-    prototype_fusion = True  # prototype-level fusions (am3, late) build the logits from scores()
-
     def __init__(self, model, way, num_classes: Optional[int] = None,
                  distance: str = "sq_euclidean", temperature: float = 10.0, bn_stats: str = "task",
                  execution: str = "auto"):
@@ -62,16 +65,16 @@ class ProtoNet(MetaAlgorithm):
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
 
     def scores(self, zq: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+        """Queries against prototypes ``[T, N, D]`` -> ``[T, Q, N]`` (``fusion=am3`` mixes prototypes
+        and scores with this)."""
         if self.distance == "cosine":
             return self.log_temperature.exp() * cosine_similarity(zq, protos)
         return -{"sq_euclidean": squared_euclidean, "euclidean": euclidean,
                  "manhattan": manhattan}[self.distance](zq, protos)
 
+    def class_scores(self, zq, zs, mask, labels, way):
+        return self.scores(zq, prototypes(zs, labels, way, mask))
+
     def forward(self, episode):
-        if getattr(self.model.fusion, "level", "sample") == "prototype":  # am3, late: the fusion mixes prototypes/scores
-            with self.task_groups(episode.num_tasks):  # it embeds [T, S+Q] in one call
-                logits = self.model.fusion.episode_logits(self.model, episode, self.scores)
-            return self.loss(logits, episode.query_labels), logits
-        zs, zq = self.embed_episode(episode)
-        logits = self.scores(zq, prototypes(zs, episode.support_labels, episode.way))
+        logits = self.episode_scores(episode)
         return self.loss(logits, episode.query_labels), logits

@@ -12,9 +12,13 @@ from metamm_cli.algorithms.base import MetaAlgorithm
 from metamm_cli.algorithms.functional import upcast
 
 
-def class_sums(zs: torch.Tensor, ys: torch.Tensor, way: int) -> torch.Tensor:
-    """The paper's class feature for K-shot: the element-wise sum of its support embeddings."""
-    return F.one_hot(ys, way).to(zs.dtype).transpose(1, 2) @ zs  # [T, N, D]
+def class_sums(zs: torch.Tensor, ys: torch.Tensor, way: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The paper's class feature for K-shot: the element-wise sum of its support embeddings
+    (with ``mask [T, S]``: of those it keeps)."""
+    onehot = F.one_hot(ys, way).to(zs.dtype)
+    if mask is not None:
+        onehot = onehot * mask[..., None].to(zs.dtype)
+    return onehot.transpose(1, 2) @ zs  # [T, N, D]
 
 
 def relation_pairs(zq: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -45,10 +49,12 @@ class RelationNet(MetaAlgorithm):
                                       nn.Linear(2 * D, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.loss_kind = loss
 
+    def class_scores(self, zq, zs, mask, labels, way):
+        """The relation module's score of every (query, class) pair (before the sigmoid)."""
+        return upcast(self.relation(relation_pairs(zq, class_sums(zs, labels, way, mask))).squeeze(-1))
+
     def forward(self, episode):
-        zs, zq = self.embed_episode(episode)
-        pairs = relation_pairs(zq, class_sums(zs, episode.support_labels, episode.way))
-        scores = upcast(self.relation(pairs).squeeze(-1))  # [T, Q, N]
+        scores = self.episode_scores(episode)  # [T, Q, N]
         if self.loss_kind == "ce":
             return self.loss(scores, episode.query_labels), scores
         scores = scores.sigmoid()

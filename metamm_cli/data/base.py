@@ -51,8 +51,15 @@ class MultimodalDataset:
         return list(self.all_modalities)
 
     def _select_modalities(self) -> None:
+        """``dataset.modalities``: names, or positions in the dataset's own list (``[1]``: its
+        second modality, so one preset can ask for "each modality alone" on any dataset)."""
         names = self.modality_names()
         wanted = self._requested or names
+        for w in wanted:
+            if isinstance(w, int) and not isinstance(w, bool) and not 0 <= w < len(names):
+                raise ConfigError(f"dataset.modalities={wanted}: position {w} is out of range; the dataset "
+                                  f"has {len(names)} modalities ({', '.join(names)})")
+        wanted = [names[w] if isinstance(w, int) and not isinstance(w, bool) else w for w in wanted]
         unknown = [m for m in wanted if m not in names]
         if unknown or len(set(wanted)) != len(wanted):
             raise ConfigError(f"dataset.modalities={wanted}: each must appear once and be one of {names}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from metamm_cli import ConfigError
 
@@ -86,6 +87,16 @@ class Episode:
     def way(self) -> int:
         return self.classes.shape[1]
 
+    @property
+    def present(self) -> torch.Tensor:
+        """The presence of the support then the query samples, ``[T, N*K + N*Q, M]``."""
+        return torch.cat([self.support_present, self.query_present], 1)
+
+    def samples(self) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """Support then query samples of every task: ``{m: [T, N*K + N*Q, ...]}`` and their
+        presence ``[T, N*K + N*Q, M]``."""
+        return {m: torch.cat([self.support[m], self.query[m]], 1) for m in self.support}, self.present
+
     def tasks(self, start: int, stop: int) -> "Episode":
         """The tasks ``start:stop`` of the meta-batch (for chunked forward/backward)."""
         out = {}
@@ -107,16 +118,23 @@ class EpisodeSampler:
     without replacement among those with a drawable member, then one drawable member of each
     uniformly (``split.same_member``: one member rank for the whole task).
 
-    ``missing`` maps a modality to the probability that a sample of an episode lacks it: a fresh
-    presence mask is drawn per episode with the sampler's generator (modality dropout), never
-    removing a sample's last present modality; a dropped modality's data is zeroed. uint8
-    modalities (images held as bytes) become float32 in [0, 1] here, so encoders see floats.
+    ``missing`` maps a modality to the probability that a sample of an episode lacks it (the
+    key ``all``: every modality not named): a fresh presence mask is drawn per episode with
+    the sampler's generator (modality dropout), never removing a sample's last present
+    modality; a dropped modality's data is zeroed. ``schedule=uniform`` draws each task's rates
+    uniformly in ``[0, rate]`` (clean and heavily masked tasks in one meta-batch, as Ma et al.,
+    CVPR 2022, train on full and masked inputs together); :meth:`at_step` ramps the rates from 0
+    over ``warmup`` steps. ``crossmodal`` is the probability that a task is cross-modal: its
+    support keeps one modality ``a`` and its query another ``b``, drawn uniformly (a sample
+    lacking that modality keeps what it has). uint8 modalities (images held as bytes) become
+    float32 in [0, 1] here, so encoders see floats.
     """
 
     def __init__(self, split: SplitData, way: int, shot: int, query: int, tasks: int,
                  seed: int = 0, split_name: str = "train",
                  missing: Optional[Mapping[str, float]] = None,
-                 keys: Optional[Mapping[str, str]] = None):
+                 keys: Optional[Mapping[str, str]] = None, schedule: str = "fixed",
+                 crossmodal: float = 0.0, warmup: int = 0):
         K = {k: f"episode.{k}" for k in ("way", "shot", "query")}
         K.update(keys or {})
         counts = split.class_counts()
@@ -151,18 +169,31 @@ class EpisodeSampler:
         self.generator = torch.Generator(device=device)
         self.seed = seed
         names = list(split.data)
+        phase = "train" if split_name == "train" else "test"
         missing = dict(missing or {})
-        unknown = [m for m in missing if m not in names]
+        unknown = [m for m in missing if m not in names and m != "all"]
         if unknown:
-            raise ConfigError(f"missing.{'train' if split_name == 'train' else 'test'}.{unknown[0]}: "
-                              f"not a modality of the dataset; choose among {names}")
+            raise ConfigError(f"missing.{phase}.{unknown[0]}: not a modality of the dataset; choose among "
+                              f"{names} (or all: every modality)")
         for m, p in missing.items():
             if not 0 <= float(p) <= 1:
-                raise ConfigError(f"missing.*.{m}={p}: a probability, must be in [0, 1]")
-        self.missing = {m: float(missing.get(m, 0.0)) for m in names}
+                raise ConfigError(f"missing.{phase}.{m}={p}: a probability, must be in [0, 1]")
+        every = float(missing.get("all", 0.0))
+        self.missing = {m: float(missing.get(m, every)) for m in names}
         self.rates = torch.tensor([self.missing[m] for m in names], device=device)
-        self.dropping = any(p > 0 for p in self.missing.values())
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"missing.schedule={schedule}: must be one of {', '.join(SCHEDULES)}")
+        if crossmodal and len(names) < 2:
+            raise ConfigError(f"missing.crossmodal={crossmodal}: cross-modal tasks need two or more "
+                              f"modalities; the dataset has {names}")
+        self.schedule, self.crossmodal, self.warmup, self.scale = schedule, float(crossmodal), int(warmup), 1.0
+        self.dropping = any(p > 0 for p in self.missing.values()) or self.crossmodal > 0
         self.reset()
+
+    def at_step(self, step: int) -> None:
+        """Ramp the missing rates and the cross-modal probability from 0 at step 0 to theirs at
+        ``warmup`` (the trainer calls it before each step's draw)."""
+        self.scale = min(1.0, step / self.warmup) if self.warmup > 0 else 1.0
 
     def _group_tables(self, split: SplitData, drawable: torch.Tensor, way: int, way_key: str) -> None:
         """``members[g, j]``: the j-th drawable class of group ``g`` (class id order; padding
@@ -227,7 +258,13 @@ class EpisodeSampler:
         # depend on the rates: runs at different rates compare on the same episodes
         noise = torch.rand(T, N, K + Q, 2 * len(self.rates), generator=g, device=device)
         if self.dropping:
-            present = drop_modalities(present, self.rates, noise)
+            rates = self.rates * self.scale
+            if self.schedule == "uniform":  # each task its own rates in [0, rate]
+                rates = rates * torch.rand(T, 1, 1, 1, generator=g, device=device)
+            dropped = drop_modalities(present, rates, noise)
+            if self.crossmodal > 0:
+                dropped = self.cross_modal_tasks(present, dropped, K)
+            present = dropped
         if part is not None:
             idx, present, classes = idx[part[0]:part[1]], present[part[0]:part[1]], classes[part[0]:part[1]]
             T = idx.shape[0]
@@ -245,11 +282,31 @@ class EpisodeSampler:
         )
 
 
+    def cross_modal_tasks(self, present: torch.Tensor, dropped: torch.Tensor, K: int) -> torch.Tensor:
+        """``dropped`` with each task made cross-modal with probability ``crossmodal`` (ramped):
+        from the samples' own presence ``present [T, N, K+Q, M]``, the support keeps modality
+        ``a`` and the query ``b != a`` (uniform), where a sample has it."""
+        T, M = present.shape[0], present.shape[-1]
+        u = torch.rand(T, 3, generator=self.generator, device=present.device)
+        cross = u[:, 0] < self.crossmodal * self.scale
+        a = (u[:, 1] * M).long().clamp(max=M - 1)
+        b = (a + 1 + (u[:, 2] * (M - 1)).long().clamp(max=M - 2)) % M
+        keep = torch.zeros(T, 1, K + (present.shape[2] - K), M, dtype=torch.bool, device=present.device)
+        keep[:, :, :K] = F.one_hot(a, M).bool()[:, None, None, :]
+        keep[:, :, K:] = F.one_hot(b, M).bool()[:, None, None, :]
+        kept = present & keep
+        kept = torch.where(kept.any(-1, keepdim=True), kept, present)  # lacking it: keeps what it has
+        return torch.where(cross[:, None, None, None], kept, dropped)
+
+
+SCHEDULES = ("fixed", "uniform")
+
+
 def drop_modalities(present: torch.Tensor, rates: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``present`` [..., M] with modality ``m`` removed with probability ``rates[m]``, never a
+    """``present`` [..., M] with modality ``m`` removed with probability ``rates[..., m]``, never a
     sample's last present one (a sample that would lose all keeps one of its own at random).
     ``noise`` [..., 2M] uniform: the first M decide the drops, the last M pick the survivor."""
-    M = rates.shape[0]
+    M = rates.shape[-1]
     kept = present & (noise[..., :M] >= rates)
     empty = present.any(-1) & ~kept.any(-1)
     survivor = noise[..., M:].masked_fill(~present, -1.0).argmax(-1, keepdim=True)
@@ -298,8 +355,16 @@ def build_sampler(cfg, dataset, split: str, device, tasks: int, seed: int,
                   missing: Optional[Mapping[str, float]] = None) -> EpisodeSampler:
     """The sampler of ``split``: ``episode.*`` for the train split, ``eval.way``/``eval.shot``/
     ``eval.query`` (null: ``episode.*``) for validation and test (:func:`episode_shape`), with
-    the missing-modality rates of the config (:func:`missing_rates`) unless ``missing`` is given."""
+    the missing-modality rates of the config (:func:`missing_rates`) unless ``missing`` is given;
+    the train split also takes ``missing.schedule``, ``missing.warmup`` and ``missing.crossmodal``."""
+    from omegaconf import OmegaConf
+
     shape, keys = episode_shape(cfg, split)
+    training = {}
+    if split == "train":
+        training = {k: OmegaConf.select(cfg, f"missing.{k}", default=d)
+                    for k, d in (("schedule", "fixed"), ("crossmodal", 0.0), ("warmup", 0))}
     return EpisodeSampler(dataset.split(split, device), shape["way"], shape["shot"], shape["query"],
                           tasks, seed=seed, split_name=split,
-                          missing=missing_rates(cfg, split) if missing is None else missing, keys=keys)
+                          missing=missing_rates(cfg, split) if missing is None else missing, keys=keys,
+                          **training)

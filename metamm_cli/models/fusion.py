@@ -7,7 +7,7 @@ file in ``configs/fusion/`` naming it in ``_target_``.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -227,13 +227,86 @@ class Graph(Fusion):
         return masked_mean(h, present)
 
 
+class Impute(Fusion):
+    r"""Imputation (``fusion=impute``): a missing modality's embedding is predicted from the
+    present ones through the shared space, then every modality slot is filled and combined.
+    A learned cross-modal predictor per ordered pair of modalities, ``P_{n->m}`` (linear, or
+    ``predictor=mlp``), reconstructs modality ``m``'s embedding from ``n``'s, as SMIL (Ma et
+    al., AAAI 2021) reconstructs missing features and ShaSpec (Wang et al., CVPR 2023) fills a
+    missing slot from shared features:
+
+        hat h^m = (1 / |N|) sum_{n in N} P_{n->m}(h^n),   N = the modalities the sample has
+        c^m     = h^m if the sample has m, else hat h^m
+        output  = [c^1, ..., c^M] (``combine=concat``, M * dim wide) or (1/M) sum_m c^m (``mean``)
+
+    The predictors learn from the samples that have both modalities of a pair, with the
+    auxiliary loss (:meth:`aux_loss`, added to the algorithm's loss while training, times
+    ``weight``) ``mean ||P_{n->m}(h^n) - sg(h^m)||^2 / dim`` over those (sample, pair) terms
+    (``sg``: the target is not moved towards the prediction). A sample-level fusion: every
+    algorithm can use it, the MAML family included."""
+
+    def __init__(self, modalities: Sequence[str], dim: int, predictor: str = "linear",
+                 combine: str = "concat", weight: float = 1.0, hidden: int = 128):
+        super().__init__(modalities, dim)
+        if predictor not in ("linear", "mlp"):
+            raise ConfigError(f"fusion.predictor={predictor}: must be linear or mlp")
+        if combine not in ("concat", "mean"):
+            raise ConfigError(f"fusion.combine={combine}: must be concat or mean")
+        if not weight >= 0:
+            raise ConfigError(f"fusion.weight={weight} is out of range: must be >= 0")
+        if len(self.modalities) < 2:
+            raise ConfigError(f"fusion=impute predicts one modality from another and needs at least two; "
+                              f"dataset.modalities={self.modalities} has one")
+
+        def make() -> nn.Module:
+            if predictor == "linear":
+                return nn.Linear(dim, dim)
+            return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+        self.pairs = [(i, j) for i in range(len(self.modalities)) for j in range(len(self.modalities)) if i != j]
+        self.predict = nn.ModuleList(make() for _ in self.pairs)  # P_{n -> m} for (n, m) in pairs
+        self.combine, self.weight = combine, float(weight)
+        self.out_dim = dim * len(self.modalities) if combine == "concat" else dim
+
+    def predictions(self, x: torch.Tensor) -> torch.Tensor:
+        """``P_{n->m}(x^n)`` for every pair ``(n, m)``: ``x [..., M, D]`` -> ``[..., P, D]``."""
+        return torch.stack([p(x[..., n, :]) for p, (n, _) in zip(self.predict, self.pairs)], -2)
+
+    def forward(self, features, present):
+        x = zero_absent(self.stack(features), present)  # [B, M, D]
+        pred = self.predictions(x)  # [B, P, D]
+        M = len(self.modalities)
+        target = torch.tensor([m for _, m in self.pairs], device=x.device)
+        source = torch.tensor([n for n, _ in self.pairs], device=x.device)
+        into = F.one_hot(target, M).to(x.dtype).T  # [M, P]: pair k predicts modality target[k]
+        w = present[..., source].to(x.dtype)  # [B, P]: its source is present
+        total = w @ into.T  # [B, M]
+        imputed = torch.einsum("mp,bp,bpd->bmd", into, w, pred) / total.clamp_min(1)[..., None]
+        filled = torch.where(present[..., None], x, imputed)
+        return filled.flatten(-2) if self.combine == "concat" else filled.mean(-2)
+
+    def aux_loss(self, features: Dict[str, torch.Tensor], present: torch.Tensor) -> Optional[torch.Tensor]:
+        """The predictors' reconstruction loss on ``features {m: [..., D]}`` with ``present [..., M]``
+        (the samples of an episode), over the pairs both of whose modalities a sample has."""
+        if self.weight == 0:
+            return None
+        x = zero_absent(self.stack(features), present)
+        pred = self.predictions(x)  # [..., P, D]
+        target = torch.stack([x[..., m, :] for _, m in self.pairs], -2).detach()
+        valid = torch.stack([present[..., n] & present[..., m] for n, m in self.pairs], -1)  # [..., P]
+        err = (upcast(pred) - upcast(target)).pow(2).mean(-1)
+        return self.weight * (err * valid).sum() / valid.sum().clamp_min(1)
+
+
 class PrototypeFusion(Fusion):
     """A fusion that works at the prototype or score level instead of per sample: a metric
-    algorithm (one with ``prototype_fusion = True``, e.g. ProtoNet) calls
-    :meth:`episode_logits` with its scoring function; it has no sample embedding, so
-    algorithms that need one refuse it at construction."""
+    algorithm hands it what it ``needs`` through :meth:`episode_logits` (``scores(zq, protos)``
+    for :class:`AM3`, ``class_scores(zq, zs, mask, labels, way)`` for :class:`Presence` and
+    :class:`Late`); it has no sample embedding, so algorithms that need one refuse it at
+    construction."""
 
     level = "prototype"
+    needs = "class_scores"  # the algorithm's method this fusion scores with
 
     def forward(self, features, present):
         raise ConfigError(f"fusion {type(self).__name__} works at the prototype level and gives "
@@ -242,18 +315,19 @@ class PrototypeFusion(Fusion):
     def logits(self, support: Dict[str, torch.Tensor], support_present: torch.Tensor,
                support_labels: torch.Tensor, query: Dict[str, torch.Tensor],
                query_present: torch.Tensor, way: int, score) -> torch.Tensor:  # pragma: no cover
-        """``support[m] [T, S, D]``, ``query[m] [T, Q, D]`` -> logits ``[T, Q, way]``;
-        ``score(zq [T, Q, D], protos [T, N, D]) -> [T, Q, N]`` (higher = closer)."""
+        """``support[m] [T, S, D]``, ``query[m] [T, Q, D]`` -> logits ``[T, Q, way]``; ``score`` is
+        the algorithm's method named by ``needs`` (higher = closer)."""
         raise NotImplementedError
 
-    def episode_logits(self, model, episode, score) -> torch.Tensor:
+    def episode_logits(self, algo, episode) -> torch.Tensor:
+        """The logits of ``algo``'s episode: every modality embedded (the algorithm's
+        ``encode_modalities``: per task, or in one call), then :meth:`logits`."""
         nk = episode.support_labels.shape[1]
-        inputs = {m: torch.cat([episode.support[m], episode.query[m]], 1) for m in episode.support}
-        present = torch.cat([episode.support_present, episode.query_present], 1)
-        feats = {m: upcast(f) for m, f in model.encode(inputs, present).items()}
+        present = episode.present
+        feats = {m: upcast(f) for m, f in algo.episode_features(episode).items()}
         return self.logits({m: f[:, :nk] for m, f in feats.items()}, present[:, :nk],
                            episode.support_labels, {m: f[:, nk:] for m, f in feats.items()},
-                           present[:, nk:], episode.way, score)
+                           present[:, nk:], episode.way, getattr(algo, self.needs))
 
     def modality_prototypes(self, support, support_present, labels, way):
         """Per-modality class means over the support samples that have the modality:
@@ -274,6 +348,8 @@ class AM3(PrototypeFusion):
     ``lambda = sigmoid(.)``); ``h_m`` is a small MLP. A query is mixed the same way from its
     own present modalities. Logits are the algorithm's score between query and prototype."""
 
+    needs = "scores"  # mixes prototypes: a prototype scorer (ProtoNet's)
+
     def __init__(self, modalities: Sequence[str], dim: int, hidden: int = 64):
         super().__init__(modalities, dim)
         self.mixer = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
@@ -291,26 +367,142 @@ class AM3(PrototypeFusion):
         return score(self.mix(self.stack(query), query_present), self.mix(protos, has))
 
 
-class Late(PrototypeFusion):
-    """Decision-level (late) fusion: one prototypical classifier per modality, ``s^m_qc =
-    score(q^m, p_c^m)``, combined as ``sum_m w_m s^m_qc / sum_m w_m`` over the modalities that
-    both query ``q`` and class ``c`` have, with ``w = softmax`` of learned per-modality logits.
-    A (query, class) pair sharing no modality gets the lowest score of the query's row."""
+def class_presence(support_present: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
+    """Whether class ``c`` has a support sample with modality ``m``: ``[T, S, M]`` -> ``[T, N, M]``."""
+    onehot = F.one_hot(labels, way).to(torch.float32)  # [T, S, N]
+    return torch.einsum("tsn,tsm->tnm", onehot, support_present.to(torch.float32)) > 0
+
+
+def weighted_over(scores: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor):
+    """``sum_k w_k s_k / sum_k w_k`` over the entries ``k`` (last dim) that are ``valid``: the
+    weights renormalised over what is there. ``scores, valid [..., K]``, ``weights [K]`` (> 0)
+    -> (combined ``[...]``, whether any entry was valid ``[...]``); where none is, 0."""
+    w = weights.to(scores.dtype) * valid
+    total = w.sum(-1)
+    out = (w * torch.where(valid, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))).sum(-1)
+    return out / total.clamp_min(1e-12), total > 0
+
+
+def row_floor(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``scores [T, Q, N]`` where ``valid``, elsewhere the lowest valid score of the query's row
+    (detached; 0 for a row with none): a pair that cannot be compared ranks last, at chance."""
+    floor = scores.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
+    floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor)).detach()
+    return torch.where(valid, scores, floor)
+
+
+class Presence(PrototypeFusion):
+    r"""Presence-aware comparison (``fusion=presence``): a query is compared with a class on
+    the modalities both have, and across modalities, through the shared space, only where
+    they have none in common. Decoupled per-modality prototypes scored on the modalities
+    present (Lu et al. 2025), with ModDrop-style training (``+recipe=robust``).
+
+    The algorithm's class scorer ``s(z_q, {z_i : i in I}, c)`` (``class_scores``: ProtoNet's
+    negative distance to the mean of the class's support samples in ``I``, Matching Nets' log
+    attention, Relation Nets' relation score) is applied per pair of modalities: with
+    ``E^m_q`` the query's embedding of modality ``m`` and ``I^n`` the support samples that have
+    ``n``,
+
+        s^{mn}_{qc} = s(E^m_q, {E^n_i : i in I^n}, c),   h^n_c = [class c has a sample in I^n].
+
+    With ``A_{qc} = {m : q has m and h^m_c}`` (the modalities both have), ``w = softmax(a)``
+    (learned logits ``a``, one per modality) and, over the pairs that share nothing,
+    ``B_{qc} = {(m, n) : m != n, q has m, h^n_c}`` with ``v = softmax(b)`` (learned logits, one
+    per ordered pair; with two modalities ``B`` holds one pair and ``v = 1``), a scale ``alpha = exp(log_alpha)`` and an offset ``beta``:
+
+        same_{qc}  = sum_{m in A} w_m s^{mm}_{qc} / sum_{m in A} w_m
+        cross_{qc} = alpha * sum_{(m,n) in B} v_{mn} s^{mn}_{qc} / sum_{(m,n) in B} v_{mn} + beta
+        logit_{qc} = same_{qc}      if A_{qc} is not empty
+                     cross_{qc}     else, if B_{qc} is not empty and the model has a ``mapping``
+                     the lowest logit of the row q (detached) otherwise.
+
+    ``alpha`` and ``beta`` calibrate cross-modal scores against same-modality ones in the
+    same row (their distances differ by the modality gap); they learn from training episodes
+    whose pairs share nothing (modality dropout, cross-modal episodes). ``cross=false`` is
+    :class:`Late`. Without a shared space (``mapping=none``) a pair that shares nothing cannot
+    be compared: a setting that can produce one is refused at start-up (:meth:`check`)."""
+
+    def __init__(self, modalities: Sequence[str], dim: int, cross: bool = True):
+        super().__init__(modalities, dim)
+        M = len(self.modalities)
+        self.weight_logits = nn.Parameter(torch.zeros(M))
+        self.cross = bool(cross) and M > 1
+        if self.cross:
+            if M > 2:  # with two modalities a disjoint pair has exactly one cross pair: v = 1
+                self.cross_logits = nn.Parameter(torch.zeros(M, M))
+            self.cross_log_scale = nn.Parameter(torch.zeros(()))
+            self.cross_bias = nn.Parameter(torch.zeros(()))
+        self.shared = False  # set by check(): whether the model maps modalities into one space
+
+    def check(self, cfg, modalities: Sequence[str], shared: bool) -> None:
+        """At start-up: refuse a single-modality dataset (nothing to fuse), and, without a shared
+        space, a setting whose query and class can share no modality (two or more modalities
+        that can be missing, or disjoint cross-modal episodes)."""
+        from omegaconf import OmegaConf
+
+        name = type(self).__name__.lower()
+        if len(modalities) < 2:
+            raise ConfigError(f"fusion={name} compares modalities and needs at least two; "
+                              f"dataset.modalities={list(modalities)} has one (use any fusion, or none of this)")
+        self.shared = shared
+        if not self.cross or shared:
+            return
+        E = cfg.episode
+        support, query = E.get("support_modalities"), E.get("query_modalities")
+        if support and query and not set(support) & set(query):
+            raise ConfigError(f"fusion={name}: episode.support_modalities={list(support)} and "
+                              f"episode.query_modalities={list(query)} share no modality, and without a "
+                              f"shared space they cannot be compared; set mapping=linear (or mlp)")
+        for phase in ("train", "test"):
+            rates = OmegaConf.select(cfg, f"missing.{phase}") or {}
+            every = float(rates.get("all", 0) or 0)
+            droppable = [m for m in modalities if float(rates.get(m, every) or 0) > 0]
+            if len(droppable) >= 2:
+                raise ConfigError(
+                    f"fusion={name}: missing.{phase} can leave a query and a class with no modality in "
+                    f"common ({', '.join(droppable)} can each be missing), and without a shared space they "
+                    f"cannot be compared; set mapping=linear (or mlp), or fusion=late to score such pairs "
+                    f"at chance")
+
+    def logits(self, support, support_present, support_labels, query, query_present, way, compare):
+        M = len(self.modalities)
+        has = class_presence(support_present, support_labels, way)  # [T, N, M]
+        pair = query_present[:, :, None, :, None] & has[:, None, :, None, :]  # [T, Q, N, M(q), M(c)]
+        use_cross = self.cross and self.shared
+        query = {m: torch.where(query_present[..., i, None], query[m], 0.0) for i, m in enumerate(self.modalities)}
+        support = {m: torch.where(support_present[..., i, None], support[m], 0.0) for i, m in enumerate(self.modalities)}
+        scores = {}
+        for i, m in enumerate(self.modalities):
+            for j, n in enumerate(self.modalities):
+                if i == j or use_cross:
+                    scores[i, j] = compare(query[m], support[n], support_present[..., j], support_labels, way)
+        diag = range(M)
+        same = torch.stack([scores[i, i] for i in diag], -1)  # [T, Q, N, M]
+        both = pair[..., diag, diag]
+        out, valid = weighted_over(same, both, self.weight_logits.softmax(0))
+        if use_cross:
+            off = [(i, j) for i in range(M) for j in range(M) if i != j]
+            cross = torch.stack([scores[k] for k in off], -1)  # [T, Q, N, P]
+            ok = torch.stack([pair[..., i, j] for i, j in off], -1)
+            v = (torch.stack([self.cross_logits[i, j] for i, j in off]).softmax(0) if M > 2
+                 else torch.ones(len(off), dtype=cross.dtype, device=cross.device))
+            x, xvalid = weighted_over(cross, ok, v)
+            x = self.cross_log_scale.exp() * x + self.cross_bias
+            out = torch.where(valid, out, x)
+            valid = valid | xvalid
+        return row_floor(out, valid)
+
+
+class Late(Presence):
+    """Decision-level (late) fusion: one classifier per modality, ``s^m_qc`` the algorithm's
+    class score of query ``q``'s modality ``m`` against class ``c``'s support samples that have
+    ``m``, combined as ``sum_m w_m s^m_qc / sum_m w_m`` over the modalities that both query
+    ``q`` and class ``c`` have, with ``w = softmax`` of learned per-modality logits. A (query,
+    class) pair sharing no modality gets the lowest score of the query's row (chance). This is
+    :class:`Presence` without its cross-modal term."""
 
     def __init__(self, modalities: Sequence[str], dim: int):
-        super().__init__(modalities, dim)
-        self.weight_logits = nn.Parameter(torch.zeros(len(self.modalities)))
+        super().__init__(modalities, dim, cross=False)
 
-    def logits(self, support, support_present, support_labels, query, query_present, way, score):
-        protos, has = self.modality_prototypes(support, support_present, support_labels, way)
-        q = zero_absent(self.stack(query), query_present)  # [T, Q, M, D]
-        per = torch.stack([score(q[..., i, :], protos[..., i, :]) for i in range(len(self.modalities))], -1)
-        both = query_present[:, :, None, :] & has[:, None, :, :]  # [T, Q, N, M]
-        w = self.weight_logits.softmax(0) * both  # [T, Q, N, M]
-        total = w.sum(-1)
-        out = (w * torch.where(both, per, torch.zeros((), dtype=per.dtype, device=per.device))).sum(-1)
-        valid = total > 0
-        out = out / total.clamp_min(1e-12)
-        floor = out.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
-        floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
-        return torch.where(valid, out, floor.detach())
+    def check(self, cfg, modalities, shared) -> None:
+        return None  # late scores pairs that share nothing at the row's floor, by definition
