@@ -100,7 +100,8 @@ class EvalConfig:
     episodes: int = 600
     tasks_per_batch: int = 50
     seed: int = 0
-    missing_sweep: Optional[List[float]] = None  # rates: accuracy per modality missing at each rate
+    missing_sweep: Optional[List[float]] = None  # rates: accuracy with every modality (all), and each, missing at each rate
+    missing_each: bool = True  # missing_sweep: also each modality alone (false: the all curve only)
     episodes_file: Optional[str] = None  # JSON of fixed episodes (metamm_cli/fixed_episodes.py)
     task: EvalTask = EvalTask.fewshot  # fewshot episodes | cross-modal retrieval
     query_modality: Optional[str] = None  # retrieval: the query side ...

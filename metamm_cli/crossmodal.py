@@ -137,7 +137,7 @@ def auxiliary_loss(algo: nn.Module, episode: Episode, weight: float) -> torch.Te
     samples (support and query, per task as the algorithm embeds): ``weight *`` the alignment
     (``align.weight``) and the fusion's own ``aux_loss`` (``fusion=impute``'s predictors)."""
     present = episode.present
-    feats = algo.episode_features(episode)
+    feats = algo.model.to_shared(algo.episode_features(episode))
     total = 0
     if weight > 0:
         total = weight * algo.alignment(feats, present)

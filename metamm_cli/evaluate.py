@@ -86,12 +86,13 @@ def missing_sweep(algo: MetaAlgorithm, cfg: DictConfig, dataset, split: str, dev
                   autocast=contextlib.nullcontext) -> Dict[str, list]:
     """``eval.missing_sweep``: accuracy at each rate with every modality missing at that rate
     together (``all``, the robustness curve; with two or more modalities), then with each one
-    missing alone, the others present; the same episodes (same seed) for every point, and
+    missing alone, the others present (``eval.missing_each=false``: the ``all`` curve only); the same episodes (same seed) for every point, and
     nested masks (a sample missing at 0.25 is missing at 0.5). Printed as a table."""
     V, rates = cfg.eval, [float(r) for r in cfg.eval.missing_sweep]
     names = list(dataset.modalities)
+    keys = (["all"] if len(names) > 1 else []) + (names if V.missing_each or len(names) == 1 else [])
     curves = {}
-    for key in (["all"] if len(names) > 1 else []) + names:
+    for key in keys:
         curves[key] = []
         for r in rates:
             sampler = build_sampler(cfg, dataset, split, device, V.tasks_per_batch, V.seed, {key: r})
@@ -153,7 +154,7 @@ def setting(cfg: DictConfig) -> str:
 
 
 NEUTRAL_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "eval.tasks_per_batch",
-                "eval.missing_sweep", "ckpt", "hydra")  # they do not change what is measured
+                "eval.missing_sweep", "eval.missing_each", "ckpt", "hydra")  # they do not change what is measured
 
 
 def to_tensorboard(report: Dict, overrides: list) -> None:

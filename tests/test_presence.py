@@ -77,6 +77,19 @@ def test_presence_by_hand_every_pattern():
     assert out[3, 2].item() == pytest.approx(a * -sq(q["image"][3], P["strokes", 2]) + b)
 
 
+def test_presence_compares_one_modality_in_its_own_space_and_across_in_the_shared_one():
+    sup, sp, labels, qry, qp = presence_case()
+    fusion = Presence(MODS, 2)
+    fusion.shared = True
+    doubled = ({m: 2 * x for m, x in sup.items()}, {m: 2 * x for m, x in qry.items()})  # the mapping
+    own = fusion.logits(sup, sp, labels, qry, qp, 3, compare)[0]
+    mixed = fusion.logits(sup, sp, labels, qry, qp, 3, compare, shared=doubled)[0]
+    q = {m: qry[m][0] for m in MODS}
+    assert mixed[1, 2].item() == pytest.approx(-4 * sq(q["image"][1], [3., 1.]))  # image vs strokes: mapped
+    torch.testing.assert_close(mixed[0], own[0])  # shared modalities: the encoders' own space
+    torch.testing.assert_close(mixed[1, :2], own[1, :2])
+
+
 def test_presence_cross_term_averages_the_pairs_it_has():
     """A query with both modalities against a class with neither in common is impossible; a
     query with image against a class whose samples have strokes (two pairs would need a third

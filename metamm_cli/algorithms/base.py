@@ -81,19 +81,22 @@ class MetaAlgorithm(nn.Module):
             z = self.model(flat, present.reshape(-1, present.shape[-1]))
         return z.reshape(*lead, -1)
 
-    def encode_modalities(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def encode_modalities(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor,
+                          shared: bool = True) -> Dict[str, torch.Tensor]:
         """Per-modality embeddings (before the fusion) of ``[T, n, ...]`` inputs -> ``{m: [T, n, D]}``,
-        per task or in one call as :meth:`embed` (BatchNorm statistics per task, ``bn_stats``)."""
+        per task or in one call as :meth:`embed` (BatchNorm statistics per task, ``bn_stats``); in
+        the shared space (the ``mapping``), or with ``shared=False`` each encoder's own."""
         T = present.shape[0]
         if self.looped(present.device):
-            parts = [self.model.encode({m: x[t:t + 1] for m, x in inputs.items()}, present[t:t + 1])
+            parts = [self.model.encode({m: x[t:t + 1] for m, x in inputs.items()}, present[t:t + 1], shared)
                      for t in range(T)]
             return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
         with self.task_groups(T):
-            return self.model.encode(inputs, present)
+            return self.model.encode(inputs, present, shared)
 
     def episode_features(self, episode: Episode) -> Dict[str, torch.Tensor]:
-        """:meth:`encode_modalities` of the episode's support then query samples. While training,
+        """:meth:`encode_modalities` of the episode's support then query samples, each encoder's own
+        embeddings (``model.to_shared`` maps them into the shared space). While training,
         the result is kept for the rest of the forward pass (an episode restricted to some
         modalities holds the same inputs), so the terms added to the loss (alignment, an
         imputation loss) reuse the embeddings of a score-level fusion instead of embedding the
@@ -102,7 +105,7 @@ class MetaAlgorithm(nn.Module):
         kept = self.__dict__.get("_features")
         if keep and kept is not None and kept[0] is episode.support and kept[1] is episode.query:
             return kept[2]
-        feats = self.encode_modalities(*episode.samples())
+        feats = self.encode_modalities(*episode.samples(), shared=False)
         if keep:
             self.__dict__["_features"] = (episode.support, episode.query, feats)
         return feats

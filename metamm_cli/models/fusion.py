@@ -314,20 +314,26 @@ class PrototypeFusion(Fusion):
 
     def logits(self, support: Dict[str, torch.Tensor], support_present: torch.Tensor,
                support_labels: torch.Tensor, query: Dict[str, torch.Tensor],
-               query_present: torch.Tensor, way: int, score) -> torch.Tensor:  # pragma: no cover
-        """``support[m] [T, S, D]``, ``query[m] [T, Q, D]`` -> logits ``[T, Q, way]``; ``score`` is
-        the algorithm's method named by ``needs`` (higher = closer)."""
+               query_present: torch.Tensor, way: int, score, shared=None) -> torch.Tensor:  # pragma: no cover
+        """``support[m] [T, S, D]``, ``query[m] [T, Q, D]`` (each encoder's own embeddings) ->
+        logits ``[T, Q, way]``; ``shared``: (support, query) mapped into the shared space (None:
+        the same); ``score`` is the algorithm's method named by ``needs`` (higher = closer)."""
         raise NotImplementedError
 
     def episode_logits(self, algo, episode) -> torch.Tensor:
         """The logits of ``algo``'s episode: every modality embedded (the algorithm's
-        ``encode_modalities``: per task, or in one call), then :meth:`logits`."""
+        ``episode_features``: per task, or in one call), then :meth:`logits`."""
         nk = episode.support_labels.shape[1]
         present = episode.present
-        feats = {m: upcast(f) for m, f in algo.episode_features(episode).items()}
-        return self.logits({m: f[:, :nk] for m, f in feats.items()}, present[:, :nk],
-                           episode.support_labels, {m: f[:, nk:] for m, f in feats.items()},
-                           present[:, nk:], episode.way, getattr(algo, self.needs))
+        own = {m: upcast(f) for m, f in algo.episode_features(episode).items()}
+        shared = {m: upcast(f) for m, f in algo.model.to_shared(own).items()}
+
+        def halves(feats):
+            return {m: f[:, :nk] for m, f in feats.items()}, {m: f[:, nk:] for m, f in feats.items()}
+
+        (s, q), mapped = halves(own), halves(shared)
+        return self.logits(s, present[:, :nk], episode.support_labels, q, present[:, nk:], episode.way,
+                           getattr(algo, self.needs), shared=mapped)
 
     def modality_prototypes(self, support, support_present, labels, way):
         """Per-modality class means over the support samples that have the modality:
@@ -362,7 +368,8 @@ class AM3(PrototypeFusion):
         a = masked_softmax(s, present).to(x.dtype)
         return (a[..., None] * x).sum(-2)
 
-    def logits(self, support, support_present, support_labels, query, query_present, way, score):
+    def logits(self, support, support_present, support_labels, query, query_present, way, score, shared=None):
+        support, query = shared or (support, query)  # mixes modalities: in the shared space
         protos, has = self.modality_prototypes(support, support_present, support_labels, way)
         return score(self.mix(self.stack(query), query_present), self.mix(protos, has))
 
@@ -400,8 +407,8 @@ class Presence(PrototypeFusion):
     The algorithm's class scorer ``s(z_q, {z_i : i in I}, c)`` (``class_scores``: ProtoNet's
     negative distance to the mean of the class's support samples in ``I``, Matching Nets' log
     attention, Relation Nets' relation score) is applied per pair of modalities: with
-    ``E^m_q`` the query's embedding of modality ``m`` and ``I^n`` the support samples that have
-    ``n``,
+    ``E^m_q`` the query's embedding of modality ``m`` (its encoder's own for ``m = n``, mapped
+    into the shared space for ``m != n``) and ``I^n`` the support samples that have ``n``,
 
         s^{mn}_{qc} = s(E^m_q, {E^n_i : i in I^n}, c),   h^n_c = [class c has a sample in I^n].
 
@@ -464,18 +471,24 @@ class Presence(PrototypeFusion):
                     f"cannot be compared; set mapping=linear (or mlp), or fusion=late to score such pairs "
                     f"at chance")
 
-    def logits(self, support, support_present, support_labels, query, query_present, way, compare):
+    def logits(self, support, support_present, support_labels, query, query_present, way, compare, shared=None):
         M = len(self.modalities)
         has = class_presence(support_present, support_labels, way)  # [T, N, M]
         pair = query_present[:, :, None, :, None] & has[:, None, :, None, :]  # [T, Q, N, M(q), M(c)]
         use_cross = self.cross and self.shared
-        query = {m: torch.where(query_present[..., i, None], query[m], 0.0) for i, m in enumerate(self.modalities)}
-        support = {m: torch.where(support_present[..., i, None], support[m], 0.0) for i, m in enumerate(self.modalities)}
+        def present_only(feats, present):  # absent entries exactly zero (no garbage reaches a score)
+            return {m: torch.where(present[..., i, None], feats[m], 0.0) for i, m in enumerate(self.modalities)}
+
+        query, support = present_only(query, query_present), present_only(support, support_present)
+        xq, xs = (present_only(shared[1], query_present), present_only(shared[0], support_present)) if shared \
+            else (query, support)
         scores = {}
         for i, m in enumerate(self.modalities):
             for j, n in enumerate(self.modalities):
-                if i == j or use_cross:
+                if i == j:  # the same modality: in its encoder's own space
                     scores[i, j] = compare(query[m], support[n], support_present[..., j], support_labels, way)
+                elif use_cross:  # across modalities: in the shared space
+                    scores[i, j] = compare(xq[m], xs[n], support_present[..., j], support_labels, way)
         diag = range(M)
         same = torch.stack([scores[i, i] for i in diag], -1)  # [T, Q, N, M]
         both = pair[..., diag, diag]

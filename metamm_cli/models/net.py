@@ -53,16 +53,22 @@ class MultimodalNet(nn.Module):
             self.mapping = mapping
         self.out_dim = fusion.out_dim
 
-    def features(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        feats = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+    def to_shared(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Per-modality embeddings mapped into the shared space (unchanged without a mapping)."""
         return self.mapping(feats) if hasattr(self, "mapping") else feats
 
-    def encode(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def features(self, inputs: Dict[str, torch.Tensor], shared: bool = True) -> Dict[str, torch.Tensor]:
+        feats = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+        return self.to_shared(feats) if shared else feats
+
+    def encode(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor,
+               shared: bool = True) -> Dict[str, torch.Tensor]:
         """Per-modality embeddings for inputs of any leading shape ``[*lead, ...]`` ->
-        ``{m: [*lead, dim]}`` (an absent modality's entry is computed from its placeholder)."""
+        ``{m: [*lead, dim]}`` (an absent modality's entry is computed from its placeholder), in
+        the shared space, or (``shared=False``) each encoder's own."""
         lead = present.shape[:-1]
         flat = {m: x.reshape(-1, *x.shape[len(lead):]) for m, x in inputs.items()}
-        return {m: f.reshape(*lead, -1) for m, f in self.features(flat).items()}
+        return {m: f.reshape(*lead, -1) for m, f in self.features(flat, shared).items()}
 
     def forward(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
         return self.fusion(self.features(inputs), present)
