@@ -1,7 +1,5 @@
 """metamm: an experiment runner for multimodal few-shot meta-learning."""
 
+from metamm_cli.errors import ConfigError  # noqa: F401 - the package's one error type, importable from here
+
 __version__ = "0.1.0"
-
-
-class ConfigError(ValueError):
-    """Bad user input: printed by the CLI as one line, naming the key or file and what is allowed."""

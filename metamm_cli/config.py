@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -249,6 +249,55 @@ def config_dir() -> str:
         if (candidate / "train.yaml").is_file():
             return str(candidate)
     raise ConfigError(f"metamm's configs/ not found next to {here}; reinstall metamm")
+
+
+def compose(overrides: Sequence[str] = (), name: str = "train") -> DictConfig:
+    """The config ``name`` (``train``, ``eval``) composed with ``overrides`` as the CLI composes
+    it, in-process and without a run folder. Hydra's global state is saved and restored around
+    it, so it works any number of times in one process and inside a running Hydra app."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    register_schemas()
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return hydra_compose(name, overrides=list(overrides))
+    finally:
+        restore_gh_from_backup(backup)
+
+
+INFO_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resolve")  # print, run nothing
+
+
+def option(argv: List[str], *names: str) -> Optional[str]:
+    """The value of ``--name VALUE`` / ``--name=VALUE`` in ``argv``."""
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def check_yaml(config_dir: Optional[str]) -> None:
+    """A YAML syntax error in a --config-dir file, named with its file and line (Hydra's own
+    message names neither)."""
+    import yaml
+
+    if not config_dir or not Path(config_dir).is_dir():
+        return
+    for path in sorted(Path(config_dir).rglob("*.yaml")):
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ConfigError(f"--config-dir: YAML syntax error in {where}: "
+                              f"{getattr(e, 'context', None) or ''} {getattr(e, 'problem', None) or e}".replace("  ", " "))
 
 
 _RANGES = [

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from metamm_cli import ConfigError
+from metamm_cli.errors import ConfigError, is_oom  # noqa: F401 - is_oom: callers import it from here too
 
 
 def enum_name(value: Any) -> str:
@@ -69,14 +69,6 @@ def set_threads(threads: Any, deterministic: bool = False) -> int:
         raise ConfigError(f"trainer.threads={threads} is out of range: must be null (auto) or >= 1")
     torch.set_num_threads(n)
     return n
-
-
-def is_oom(exc: BaseException) -> bool:
-    """An out-of-memory error of any device (CUDA's, or the CPU allocator's RuntimeError)."""
-    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def resolve_device(device: Any, job: Optional[int] = None) -> torch.device:

@@ -6,19 +6,21 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from metamm_cli import ConfigError
-from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm
-from metamm_cli.checkpoint import load_checkpoint
+from metamm_cli.errors import is_oom
+from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm, load_weights
+from metamm_cli.runs.checkpoint import load_checkpoint
 from metamm_cli.config import TrainConfig, check_ranges
 from metamm_cli.data.base import build_dataset, describe_changes
 from metamm_cli.data.episodes import EpisodeSampler, build_sampler
-from metamm_cli.device import autocast_for, enum_name, is_oom, resolve_device, set_threads
+from metamm_cli.device import autocast_for, enum_name, resolve_device, set_threads
+from metamm_cli.runs import layout
 
 log = logging.getLogger("metamm")
 
@@ -41,7 +43,7 @@ def evaluate(algo: MetaAlgorithm, sampler: EpisodeSampler, episodes: int, tasks_
     """Run ``episodes`` episodes (the sampler is re-seeded, so every call sees the same ones);
     distributed (``world``), each rank runs its share of every batch and the accuracies are
     gathered, so every rank gets the result one process would."""
-    from metamm_cli.distributed import SINGLE, gather_tasks
+    from metamm_cli.scale.distributed import SINGLE, gather_tasks
 
     world = world or SINGLE
     from tqdm import tqdm
@@ -161,8 +163,8 @@ def to_tensorboard(report: Dict, overrides: list) -> None:
     """An evaluation of a run's own test setting goes into that run's TensorBoard: ``test/acc``,
     ``hparam/test_acc`` (the hparams table's column) and the missing-modality curves
     ``test/missing/<modality>`` (x: rate in %), at the run's last step."""
-    from metamm_cli.record import read_json, tb_folder
-    from metamm_cli.resume import run_dir_of
+    from metamm_cli.runs.record import read_json, tb_folder
+    from metamm_cli.runs.resume import run_dir_of
 
     run = run_dir_of(Path(report["ckpt"]))
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
@@ -171,7 +173,7 @@ def to_tensorboard(report: Dict, overrides: list) -> None:
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    step = read_json(run / "metrics.json").get("step") or report.get("step") or 0
+    step = read_json(run / layout.METRICS).get("step") or report.get("step") or 0
     with SummaryWriter(str(tb_folder(run))) as writer:
         writer.add_scalar("test/acc", report["accuracy"], step)
         writer.add_scalar("test/acc_ci95", report["ci95"], step)
@@ -182,15 +184,15 @@ def to_tensorboard(report: Dict, overrides: list) -> None:
 
 
 def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
-                        state: Optional[Dict] = None, filename: str = "eval.json", quiet: bool = False) -> Dict:
+                        state: Optional[Dict] = None, filename: str = layout.eval_file(), quiet: bool = False) -> Dict:
     """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes,
     write the report to ``out_dir / filename`` (and, for the run's own test setting, into its
     TensorBoard). ``state`` is the already-loaded checkpoint, if the caller has it; ``quiet``:
     the caller prints the result."""
-    state = state or load_checkpoint(cfg.ckpt, prefer="best.pt")
+    state = state or load_checkpoint(cfg.ckpt, prefer=layout.BEST)
     if "config" not in state or "model" not in state:
         raise ConfigError(f"--ckpt {state['path']}: checkpoint lacks its config or weights")
-    from metamm_cli.checkpoint import mismatch, non_finite
+    from metamm_cli.runs.checkpoint import non_finite
 
     bad = non_finite(state["model"])
     if bad:
@@ -213,12 +215,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
         algo = ensemble_from(state, run_cfg, dataset).to(device)
     else:
         algo = build_algorithm(run_cfg, dataset, way=state["config"]["episode"]["way"]).to(device)
-        try:
-            algo.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ConfigError(f"--ckpt {state['path']}: its weights do not fit the model of the "
-                              f"overridden config (was an encoder, fusion or algorithm key changed? "
-                              f"{mismatch(algo, state['model'])})") from e
+        load_weights(algo, state["model"], f"--ckpt {state['path']}")
     V = run_cfg.eval
     split = enum_name(V.split)
     if enum_name(V.task) == "retrieval":  # cross-modal retrieval instead of episodes
@@ -257,3 +254,52 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
         print(line)
     log.info(f"wrote {out_dir / filename}")
     return report
+
+
+EVAL_USAGE = """usage: metamm eval --ckpt PATH [key=value ...]
+
+Evaluates a checkpoint on fixed test episodes (eval.seed) and prints the mean accuracy with its
+95% confidence interval; writes eval.json and eval.log to outputs/evals/<time>_<run>/.
+
+  --ckpt PATH   a checkpoint (.pt) or a run folder (its checkpoints/best.pt). Required.
+  key=value     changes the checkpoint's own config: episode.way=10, eval.split=val,
+                eval.episodes=600, trainer.device=cpu, trainer.progress=false, ...
+                (encoder, fusion and algorithm keys must match the weights).
+
+`metamm train --help` lists the config groups and keys."""
+
+
+def parse_eval_args(argv: List[str]) -> Tuple[List[str], Optional[str]]:
+    """``metamm eval``'s arguments: (the overrides, the ``--ckpt`` path) from ``--ckpt PATH``,
+    ``--ckpt=PATH`` or ``ckpt=PATH``; help and config printing need no checkpoint."""
+    out, ckpt, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--ckpt" or arg.startswith("--ckpt="):
+            if arg == "--ckpt":
+                if i + 1 >= len(argv) or not argv[i + 1] or argv[i + 1].startswith("-"):
+                    raise ConfigError("--ckpt needs a path: metamm eval --ckpt PATH [key=value ...]")
+                ckpt, i = argv[i + 1], i + 2
+            else:
+                ckpt, i = arg.split("=", 1)[1], i + 1
+            continue
+        if arg.startswith(("ckpt=", "+ckpt=")):
+            ckpt = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+        i += 1
+    if any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info") for a in out):
+        ckpt = ckpt or "null"
+    elif not ckpt:
+        raise ConfigError("--ckpt is required: metamm eval --ckpt PATH [key=value ...]")
+    return out, ckpt
+
+
+def eval_task(cfg: DictConfig, state: Optional[Dict] = None) -> Optional[float]:
+    """`metamm eval` inside its Hydra app: the report into the app's output folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    if state is None and cfg.get("ckpt"):
+        state = load_checkpoint(cfg.ckpt, prefer=layout.BEST)
+    return evaluate_checkpoint(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir), state).get("accuracy")

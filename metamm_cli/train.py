@@ -15,23 +15,25 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from metamm_cli import ConfigError
+from metamm_cli.errors import is_oom
 from metamm_cli.algorithms import accuracy, build_algorithm
-from metamm_cli.checkpoint import keep_last, save_checkpoint
-from metamm_cli.claim import claim, release
+from metamm_cli.runs.checkpoint import keep_last, save_checkpoint
+from metamm_cli.runs.claim import claim, release
 from metamm_cli.config import check_ranges
 from metamm_cli.data.base import build_dataset, describe_changes
 from metamm_cli.data.episodes import build_sampler
-from metamm_cli.device import (autocast_for, compile_model, enum_name, is_oom, make_deterministic,
+from metamm_cli.device import (autocast_for, compile_model, enum_name, make_deterministic,
                                resolve_device, seed_everything, set_threads, warn_amp)
-from metamm_cli.distributed import all_reduce_step, barrier, local_share, snapshot, world
+from metamm_cli.scale.distributed import all_reduce_step, barrier, local_share, snapshot, world
 from metamm_cli.evaluate import evaluate, per_second
-from metamm_cli.launch import job_share, sweep_job
+from metamm_cli.scale.launch import job_share, sweep_job
 from metamm_cli.optim import make_optimizer, make_scheduler
-from metamm_cli.record import finite_json, hparams, open_folder, profiler, tensorboard, write_metrics
-from metamm_cli.resume import continue_job, finished, holds_a_run, hydra_quote, merge_resume, resume_state
-from metamm_cli.runstate import Diverged, Run, RunState, restore, stop_now
-from metamm_cli.search import Pruned, reporter
-from metamm_cli.signals import StopSignals
+from metamm_cli.runs.record import finite_json, hparams, open_folder, profiler, tensorboard, write_metrics
+from metamm_cli.runs.resume import continue_job, finished, holds_a_run, hydra_quote, merge_resume, resume_command, resume_state
+from metamm_cli.runs.state import Diverged, Run, RunState, restore
+from metamm_cli.scale.search import Pruned, reporter
+from metamm_cli.runs.signals import StopSignals
+from metamm_cli.runs import layout
 
 log = logging.getLogger("metamm")
 
@@ -175,7 +177,7 @@ def check_divergence(run: Run) -> None:
     bad, first = (int(v) for v in torch.stack([run.state.bad, run.state.first_bad]).tolist())
     if bad == 0:
         return
-    last = run.ckpt_dir / "last.pt"
+    last = run.ckpt_dir / layout.LAST
     if enum_name(run.cfg.trainer.on_nan) == "stop":
         good = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
         raise Diverged(f"non-finite loss or gradient at step {first} (trainer.on_nan=stop), "
@@ -212,7 +214,7 @@ def validate(run: Run) -> Dict[str, float]:
     if val["accuracy"] > S.best:
         S.best, S.best_step = val["accuracy"], S.step
         if run.world.main:
-            save_checkpoint(run.ckpt_dir / "best.pt", S.state_dict(run.stored_config()))
+            save_checkpoint(run.ckpt_dir / layout.BEST, S.state_dict(run.stored_config()))
     run.val = {**val, "step": S.step}
     if run.trial is not None:  # a search's trial: its pruner may stop a clearly worse run here
         run.trial.report(val["accuracy"], S.step)
@@ -223,7 +225,7 @@ def checkpoint(run: Run) -> None:
     """last.pt, and with trainer.keep_last=N also step_XXXXXXXX.pt, of which the N newest stay
     (rank 0 writes; every rank holds the same state)."""
     if run.world.main:
-        save_checkpoint(run.ckpt_dir / "last.pt", run.state.state_dict(run.stored_config()))
+        save_checkpoint(run.ckpt_dir / layout.LAST, run.state.state_dict(run.stored_config()))
         keep_last(run.ckpt_dir, run.state.step, run.cfg.trainer.keep_last)
     run.saved_step = run.state.step
 
@@ -369,10 +371,26 @@ def finish(run: Run) -> Dict[str, Any]:
 def test_best(run: Run) -> Dict[str, Any]:
     """``trainer.test=true``: ``best.pt`` on the test split with the run's ``eval.*`` settings
     (as ``metamm eval --ckpt RUN`` would), into the run's ``eval.json`` and TensorBoard."""
-    from metamm_cli.checkpoint import load_checkpoint
+    from metamm_cli.runs.checkpoint import load_checkpoint
     from metamm_cli.evaluate import evaluate_checkpoint
 
-    state = load_checkpoint(run.ckpt_dir / "best.pt")
+    state = load_checkpoint(run.ckpt_dir / layout.BEST)
     if run.writer is not None:
         run.writer.flush()
     return evaluate_checkpoint(run.cfg, [], run.run_dir, state, quiet=True)
+
+
+def stop_now(run: Run, signum: int) -> None:
+    """After the checkpoint of a stop request: metrics, the resume command, exit 128 + signum
+    (distributed: every rank stops after the same step; rank 0 has written)."""
+    name = signal.Signals(signum).name
+    if run.world is None or run.world.main:
+        write_metrics(run, None, interrupted=name)
+        log.warning(f"{name} at step {run.state.step}: checkpoint saved to {run.ckpt_dir / layout.LAST}; "
+                    f"resume with: {resume_command(run.run_dir)}")
+        if sweep_job():  # the whole sweep: its folder, the same command line, trainer.resume
+            log.warning(f"continue the whole sweep: its command with "
+                        f"'trainer.resume={hydra_quote(run.run_dir.parent.resolve())}' added")
+    if run.world is not None:
+        barrier(run.world)
+    raise SystemExit(128 + signum)

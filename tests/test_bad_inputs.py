@@ -18,7 +18,7 @@ from conftest import compose_cfg, run_cli
 
 from omegaconf import OmegaConf
 
-from metamm_cli.checkpoint import load_checkpoint
+from metamm_cli.runs.checkpoint import load_checkpoint
 from metamm_cli.config import config_dir
 
 TRAIN = ["train", "+exp=smoke", "trainer.progress=false"]

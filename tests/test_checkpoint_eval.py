@@ -9,7 +9,7 @@ import torch
 from conftest import compose_cfg
 
 from metamm_cli import ConfigError
-from metamm_cli.checkpoint import load_checkpoint, save_checkpoint
+from metamm_cli.runs.checkpoint import load_checkpoint, save_checkpoint
 from metamm_cli.evaluate import apply_overrides, mean_ci95
 
 
@@ -82,7 +82,7 @@ def test_checkpoint_guards(tmp_path):
 
 
 def test_keep_last_keeps_the_newest(tmp_path):
-    from metamm_cli.checkpoint import keep_last
+    from metamm_cli.runs.checkpoint import keep_last
     for step in (4, 8, 12):
         (tmp_path / "last.pt").write_bytes(str(step).encode())
         keep_last(tmp_path, step, 2)

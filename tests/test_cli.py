@@ -3,10 +3,13 @@ multirun, resume, data, help, user experiment folders, TensorBoard output."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from conftest import SMOKE, run_dir_of, run_metamm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from metamm_cli.config import config_dir
 
 
 def test_train_writes_run_folder(smoke_run):
@@ -119,7 +122,8 @@ def test_train_argument_forms(tmp_path):
     assert "eval" in run_metamm(["--help"], tmp_path).stdout
     assert "--ckpt PATH" in run_metamm(["eval", "--help"], tmp_path).stdout
     hydra_help = run_metamm(["train", "--help"], tmp_path).stdout
-    assert "fusion: am3, attention, concat, film, gated, graph, late, lowrank, mean, mlp, weighted" in hydra_help
+    fusions = sorted(p.stem for p in Path(config_dir()).glob("fusion/*.yaml"))
+    assert f"fusion: {', '.join(fusions)}" in hydra_help
     job = run_metamm(["train", *SMOKE, "fusion=attention", "--cfg", "job"], tmp_path).stdout
     assert "Attention" in job and "way: 3" in job
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing

@@ -20,8 +20,11 @@ import pytest
 from conftest import HANG_GUARD, METAMM, SMOKE, run_metamm
 
 from metamm_cli import ConfigError
-from metamm_cli.compare import (find_runs, load_run, main, parse_eval_set, render, split_overrides,
-                                table)
+from metamm_cli.runs.reader import find_runs, load_run
+from metamm_cli.compare.command import main
+from metamm_cli.compare.evaluate import parse_eval_set, split_overrides
+from metamm_cli.compare.render import render
+from metamm_cli.compare.table import table
 
 QUIET = ["trainer.tensorboard=false"]
 MISSING50 = "missing50=missing.test.image=0.5,missing.test.audio=0.5"
@@ -201,7 +204,7 @@ def test_plot_is_a_real_image(evaluated, tmp_path, capsys, outputs):
     pytest.importorskip("matplotlib")  # the optional extra: pip install "metamm[plot]"
     from PIL import Image
 
-    from metamm_cli.plots import sweep_modalities
+    from metamm_cli.compare.plots import sweep_modalities
 
     png = tmp_path / "figure.png"
     assert f"wrote {png}" in compare(capsys, outputs, "--plot", png)

@@ -73,7 +73,7 @@ def test_wheel_ships_configs(tmp_path):
                           capture_output=True, text=True, timeout=HANG_GUARD).stdout.strip()
     if not head:
         pytest.skip("not run from a git clone")
-    probe = subprocess.run([sys.executable, "-c", "from metamm_cli.record import git_commit; print(git_commit())"],
+    probe = subprocess.run([sys.executable, "-c", "from metamm_cli.runs.record import git_commit; print(git_commit())"],
                            cwd=ROOT / "tests", env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
                            capture_output=True, text=True, timeout=HANG_GUARD)
     assert probe.stdout.strip() == head, probe.stderr

@@ -104,7 +104,7 @@ def test_running_statistics_combine_to_one_process_by_definition():
     """The closed form all_reduce_step uses, checked without processes: ranks holding tasks
     0-1 and 2-4 of five, each starting from the same statistics, combine to the statistics one
     BatchNorm reaches after the five tasks in order (momentum 0.1 and None)."""
-    from metamm_cli.distributed import _contribution
+    from metamm_cli.scale.distributed import _contribution
 
     torch.manual_seed(0)
     batches = [torch.randn(6, 3) * (t + 1) + t for t in range(5)]

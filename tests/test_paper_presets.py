@@ -454,7 +454,7 @@ def fake_run(folder, preset, paper, history, seed=0, test=None):
 
 
 def test_compare_shows_the_paper_and_the_time_to_reach_it(tmp_path, capsys):
-    from metamm_cli.compare import main
+    from metamm_cli.compare.command import main
 
     root = tmp_path / "sweep"
     fake_run(root / "0000", "paper/protonet_5w1s", 98.8, [(100, 90.0, 10.0), (200, 98.9, 21.5), (300, 99.2, 33.0)], test=98.5)
@@ -491,7 +491,7 @@ def test_compare_shows_the_paper_and_the_time_to_reach_it(tmp_path, capsys):
 
 
 def test_compare_without_paper_numbers_has_no_paper_columns(tmp_path, capsys):
-    from metamm_cli.compare import main
+    from metamm_cli.compare.command import main
 
     fake_run(tmp_path / "a", "smoke", None, [(4, 50.0, 1.0)])
     fake_run(tmp_path / "b", "smoke", None, [(4, 60.0, 1.0)], seed=1)

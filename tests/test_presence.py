@@ -21,7 +21,7 @@ from metamm_cli.config import check_ranges
 from metamm_cli.data.episodes import Episode, EpisodeSampler
 from metamm_cli.data.synthetic import SyntheticMultimodal
 from metamm_cli.models.fusion import Impute, Late, Presence
-from metamm_cli.robustness import effective_robustness, relative_robustness
+from metamm_cli.compare.robustness import effective_robustness, relative_robustness
 
 MODS = ["image", "strokes"]
 
@@ -226,7 +226,7 @@ def test_per_modality_ensemble_by_hand():
     ep = Episode(sup, sp, labels, qry, qp, torch.tensor([[0, 1, 2, 2]]), torch.tensor([[0, 1, 2]]))
     ens = PerModalityEnsemble({"image": tiny_member(1.0), "strokes": tiny_member(2.0)}, MODS)
     _, logits = ens(ep)
-    q, P = {m: qry[m][0] for m in MODS}, {}
+    q = {m: qry[m][0] for m in MODS}
     img = torch.stack([-torch.tensor(sq(q["image"][j], [0., 0.])) for j in range(4)]), \
         torch.stack([-torch.tensor(sq(q["image"][j], [2., 0.])) for j in range(4)])
     img = torch.stack(img, -1).log_softmax(-1)  # over classes 0 and 1 (class 2 has no image)

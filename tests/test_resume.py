@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metamm_cli import ConfigError
-from metamm_cli.claim import RUNNING, running_pid
-from metamm_cli.resume import find_resume, merge_resume, resume_command
-from metamm_cli.signals import StopSignals
+from metamm_cli.runs.layout import CLAIM as RUNNING
+from metamm_cli.runs.claim import running_pid
+from metamm_cli.runs.resume import find_resume, merge_resume, resume_command
+from metamm_cli.runs.signals import StopSignals
 
 BASE = ["train", "+exp=smoke", "trainer.max_steps=12", "trainer.val_every=2", "trainer.log_every=3",
         "trainer.ckpt_every=5", "trainer.val_episodes=4", "trainer.deterministic=true",
@@ -58,7 +59,7 @@ def finish(proc):
 
 
 def scalars(run, tag):
-    from metamm_cli.record import tb_folder
+    from metamm_cli.runs.record import tb_folder
 
     acc = EventAccumulator(str(tb_folder(run)))
     acc.Reload()

@@ -18,8 +18,9 @@ import torch
 from conftest import HANG_GUARD, METAMM, run_dir_of, run_metamm
 
 from metamm_cli import ConfigError
-from metamm_cli.checkpoint import clean_orphans
-from metamm_cli.claim import RUNNING, claim, release, running_pid
+from metamm_cli.runs.checkpoint import clean_orphans
+from metamm_cli.runs.layout import CLAIM as RUNNING
+from metamm_cli.runs.claim import claim, release, running_pid
 
 ENV = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"PYTHONUNBUFFERED": "1"}
 

@@ -84,7 +84,7 @@ def test_mixed_precision_trains(tmp_path, amp, algorithm, caplog):
 
 def test_resume_with_a_foreign_sampler_state_warns(tmp_path, caplog):
     """A checkpoint from another device carries a generator state that does not fit this one."""
-    from metamm_cli.checkpoint import load_checkpoint, save_checkpoint
+    from metamm_cli.runs.checkpoint import load_checkpoint, save_checkpoint
     train(compose_cfg(FAST + ["trainer.max_steps=2", "trainer.val_every=2"]), run_dir=tmp_path / "a")
     state = load_checkpoint(tmp_path / "a")
     state["rng"]["sampler"] = torch.zeros(16, dtype=torch.uint8)  # e.g. a CUDA generator's state
@@ -114,7 +114,7 @@ def test_compile_gives_the_eager_results_and_refuses_per_task_adaptation(tmp_pat
 def test_profile_writes_a_trace_into_the_runs_tensorboard(tmp_path):
     """trainer.profile=true: torch.profiler's trace of steps 3-5, where TensorBoard's profiler
     tab reads it (the run's TensorBoard folder)."""
-    from metamm_cli.record import tb_folder
+    from metamm_cli.runs.record import tb_folder
 
     train(compose_cfg(FAST + ["trainer.profile=true", "trainer.threads=1"]), run_dir=tmp_path)
     traces = list(tb_folder(tmp_path).glob("*.pt.trace.json"))

@@ -1,7 +1,10 @@
 """Meta-algorithms: a new one is a MetaAlgorithm subclass plus configs/algorithm/NAME.yaml."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
+
+import torch
+from torch import nn
 
 from omegaconf import DictConfig
 
@@ -12,7 +15,7 @@ from metamm_cli.crossmodal import attach
 from metamm_cli.data.base import MultimodalDataset
 from metamm_cli.models.net import build_model
 
-__all__ = ["MetaAlgorithm", "accuracy", "build_algorithm"]
+__all__ = ["MetaAlgorithm", "accuracy", "build_algorithm", "load_weights", "mismatch"]
 
 
 def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[int] = None) -> MetaAlgorithm:
@@ -42,3 +45,27 @@ def implements(algo: MetaAlgorithm, method: str) -> bool:
     """Whether ``algo`` overrides the base class's ``method`` (``class_scores``, ``scores``)."""
     own = getattr(type(algo), method, None)
     return own is not None and own is not getattr(MetaAlgorithm, method, None)
+
+
+def mismatch(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> str:
+    """Why ``weights`` do not fit ``model``: the missing, unexpected and mis-shaped names."""
+    own = model.state_dict()
+    parts = []
+    for label, names in (("missing", [k for k in own if k not in weights]),
+                         ("unexpected", [k for k in weights if k not in own]),
+                         ("shape differs", [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+                                            for k in own if k in weights
+                                            and tuple(weights[k].shape) != tuple(own[k].shape)])):
+        if names:
+            parts.append(f"{label}: {', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}")
+    return "; ".join(parts) or "the weights do not fit"
+
+
+def load_weights(algo: nn.Module, weights: Dict[str, torch.Tensor], what: str) -> None:
+    """``algo.load_state_dict(weights)``; weights that do not fit are one line naming ``what``
+    (the checkpoint) and the missing, unexpected and mis-shaped names."""
+    try:
+        algo.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"{what}: its weights do not fit the model of its config (was an encoder, "
+                          f"fusion or algorithm key changed? {mismatch(algo, weights)})") from e

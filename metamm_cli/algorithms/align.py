@@ -1,8 +1,6 @@
 """``algorithm=align``: contrastive alignment of the modalities alone, scored like ProtoNet."""
 from __future__ import annotations
 
-import torch
-
 from metamm_cli.algorithms.protonet import ProtoNet
 from metamm_cli.crossmodal import Alignment
 

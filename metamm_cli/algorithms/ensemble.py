@@ -1,5 +1,5 @@
 """The per-modality ensemble: the baseline a multimodal model must beat when modalities go
-missing (``metamm compare`` builds it, :mod:`metamm_cli.robustness`); evaluation only."""
+missing (``metamm compare`` builds it, :mod:`metamm_cli.compare.robustness`); evaluation only."""
 from __future__ import annotations
 
 import copy
@@ -59,8 +59,7 @@ def ensemble_from(state: Dict, cfg, dataset) -> PerModalityEnsemble:
     """The ensemble stored in an ensemble checkpoint (``state["ensemble"]``: each member's own
     checkpoint), its members rebuilt from their own configs over ``dataset`` (the union of
     their modalities, built from ``cfg``)."""
-    from metamm_cli.algorithms import build_algorithm, implements
-    from metamm_cli.checkpoint import mismatch
+    from metamm_cli.algorithms import build_algorithm, implements, load_weights
 
     members = {}
     for m, member in state["ensemble"].items():
@@ -68,11 +67,7 @@ def ensemble_from(state: Dict, cfg, dataset) -> PerModalityEnsemble:
         view._wanted = [m]
         member_cfg = OmegaConf.create(member["config"])
         algo = build_algorithm(member_cfg, view, way=member["config"]["episode"]["way"])
-        try:
-            algo.load_state_dict(member["model"])
-        except RuntimeError as e:
-            raise ConfigError(f"ensemble member {m} ({member.get('path')}): its weights do not fit its model "
-                              f"({mismatch(algo, member['model'])})") from e
+        load_weights(algo, member["model"], f"ensemble member {m} ({member.get('path')})")
         if not implements(algo, "class_scores") or getattr(algo.model.fusion, "level", "sample") != "sample":
             raise ConfigError(f"ensemble member {m} ({member.get('path')}): needs a metric algorithm "
                               f"(protonet, matching, relation) with a sample-level fusion")

@@ -1,7 +1,7 @@
 """metamm's Hydra sweeper ``hydra/sweeper=optuna``: current Optuna through its ask/tell API
 (hydra-optuna-sweeper 1.3 still pins optuna<3). Shipped in the wheel as the Hydra plugin package
 ``hydra_plugins.metamm`` (Hydra only instantiates plugins from ``hydra_plugins``); metamm's CLI
-registers it. What a search does is told in :mod:`metamm_cli.search`.
+registers it. What a search does is told in :mod:`metamm_cli.scale.search`.
 
 Each batch asks the study for ``n_jobs`` trials, turns their parameters into overrides
 (plus ``search.trial=<id>`` so that the job reports its validations) and hands them to the
@@ -24,7 +24,8 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from metamm_cli import ConfigError
-from metamm_cli.search import make_pruner, make_sampler, require_optuna, storage_url
+from metamm_cli.scale.search import make_pruner, make_sampler, require_optuna, storage_url
+from metamm_cli.runs import layout
 
 log = logging.getLogger("metamm")
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
@@ -165,7 +166,7 @@ class OptunaSweeper(Sweeper):
         summary = {"study": study.study_name, "storage": storage_url(sweep_dir, self.storage),
                    "objective": self.objective, "direction": self.direction, "trials": trials,
                    "best": {"number": best.number, "value": best.value, "params": best.params} if best else None}
-        (sweep_dir / "search.json").write_text(json.dumps(summary, indent=2, default=str))
+        (sweep_dir / layout.SEARCH).write_text(json.dumps(summary, indent=2, default=str))
         states = {s: sum(t["state"] == s for t in trials) for s in FINISHED}
         log.info(f"search: {len(trials)} trials ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
                  f"{states['FAIL']} failed); "

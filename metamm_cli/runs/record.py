@@ -16,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from metamm_cli import __version__
-from metamm_cli.checkpoint import clean_orphans, write_atomic
+from metamm_cli.runs.checkpoint import clean_orphans, write_atomic
+from metamm_cli.runs import layout
 
 
 def finite_json(value: Any) -> Any:
@@ -99,7 +100,7 @@ def git_commit(cwd: Optional[Path] = None) -> Optional[str]:
 def record_run(run_dir: Path, overrides: List[str], device: torch.device, resumed_at: Optional[int],
                changes: List[str], extra: Optional[Dict] = None) -> None:
     """run.json: versions, device, git commit, overrides; a resume appends to its 'resumes'."""
-    path = Path(run_dir) / "run.json"
+    path = Path(run_dir) / layout.RUN_INFO
     entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "overrides": list(overrides),
              "metamm": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
              "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -118,8 +119,8 @@ def open_folder(run, overrides: List[str], changes: List[str], resumed: bool) ->
     first TensorBoard name and group choices)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     clean_orphans(run.ckpt_dir)
-    write_atomic(run.run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(run.stored_config()).encode()))
-    first = read_json(run.run_dir / "run.json") if resumed else {}
+    write_atomic(run.run_dir / layout.CONFIG, lambda f: f.write(OmegaConf.to_yaml(run.stored_config()).encode()))
+    first = read_json(run.run_dir / layout.RUN_INFO) if resumed else {}
     identity = {k: first[k] for k in ("choices", "tb") if k in first} if first else job_identity(run.cfg.task_name)
     record_run(run.run_dir, overrides, run.device, run.state.step if resumed else None, changes, identity)
     run.identity = identity
@@ -129,8 +130,8 @@ def open_folder(run, overrides: List[str], changes: List[str], resumed: bool) ->
 def tb_folder(run_dir: Path, identity: Optional[Dict] = None) -> Path:
     """``RUN/tb/<name>``: TensorBoard names a run by its folder, so the name is the job's
     overrides (``fusion=attention,seed=1``); runs from before this layout log into ``RUN/tb``."""
-    name = (identity if identity is not None else read_json(Path(run_dir) / "run.json")).get("tb")
-    return Path(run_dir) / "tb" / name if name else Path(run_dir) / "tb"
+    name = (identity if identity is not None else read_json(Path(run_dir) / layout.RUN_INFO)).get("tb")
+    return Path(run_dir) / layout.TB / name if name else Path(run_dir) / layout.TB
 
 
 def tensorboard(run):
@@ -181,5 +182,5 @@ def write_metrics(run, val: Optional[Dict], **extra) -> Dict[str, Any]:
         "wall_time_s": S.wall,
         "skipped_steps": int(S.bad), "device": str(run.device), "run_dir": str(run.run_dir),
         "resumed_from": run.resumed_from, "history": S.history, **extra})
-    write_json(run.run_dir / "metrics.json", metrics)
+    write_json(run.run_dir / layout.METRICS, metrics)
     return metrics

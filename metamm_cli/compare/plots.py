@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from metamm_cli import ConfigError
-from metamm_cli.compare import missing_sweep
+from metamm_cli.compare.robustness import missing_sweep
 
 NEEDS = '--plot needs matplotlib: pip install "metamm[plot]"'
 

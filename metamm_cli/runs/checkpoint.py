@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List
 import torch
 
 from metamm_cli import ConfigError
+from metamm_cli.runs import layout
 
 FORMAT = "metamm-checkpoint"
 VERSION = 3  # 2: + numpy RNG, scheduler, validation history, partial log sums (exact resume)
@@ -35,7 +36,7 @@ def _host() -> str:
 def clean_orphans(folder: Path) -> List[Path]:
     """Remove the ``.NAME.HOST.PID.*.tmp`` left by a killed write of this host whose process is
     gone; a live process's temporaries (and other hosts') are left alone."""
-    from metamm_cli.claim import alive
+    from metamm_cli.runs.claim import alive
 
     gone, host = [], _host()
     for tmp in Path(folder).glob(".*.tmp"):
@@ -72,7 +73,7 @@ def write_atomic(path: Path, write) -> None:
             write(f)
             f.flush()
             pause = os.environ.get("METAMM_TEST_SAVE_PAUSE")  # tests: a kill during the write
-            if pause and path.name == "last.pt":
+            if pause and path.name == layout.LAST:
                 time.sleep(float(pause))
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -112,25 +113,11 @@ def keep_last(folder: Path, step: int, keep: int) -> None:
     step_file = Path(folder) / f"step_{step:08d}.pt"
     step_file.unlink(missing_ok=True)
     try:
-        step_file.hardlink_to(Path(folder) / "last.pt")
+        step_file.hardlink_to(Path(folder) / layout.LAST)
     except OSError:
-        shutil.copy2(Path(folder) / "last.pt", step_file)
+        shutil.copy2(Path(folder) / layout.LAST, step_file)
     for old in sorted(Path(folder).glob("step_*.pt"))[:-keep]:
         old.unlink()
-
-
-def mismatch(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> str:
-    """Why ``weights`` do not fit ``model``: the missing, unexpected and mis-shaped names."""
-    own = model.state_dict()
-    parts = []
-    for label, names in (("missing", [k for k in own if k not in weights]),
-                         ("unexpected", [k for k in weights if k not in own]),
-                         ("shape differs", [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
-                                            for k in own if k in weights
-                                            and tuple(weights[k].shape) != tuple(own[k].shape)])):
-        if names:
-            parts.append(f"{label}: {', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}")
-    return "; ".join(parts) or "the weights do not fit"
 
 
 def short(text: str, limit: int = 200) -> str:
@@ -141,13 +128,13 @@ def short(text: str, limit: int = 200) -> str:
     return line
 
 
-def load_checkpoint(path: str | Path, key: str = "--ckpt", prefer: str = "last.pt",
+def load_checkpoint(path: str | Path, key: str = "--ckpt", prefer: str = layout.LAST,
                     versions: Iterable[int] = READABLE) -> Dict[str, Any]:
     """Load a metamm checkpoint on the CPU (tensors only, no arbitrary pickles). ``path`` may be
     a run folder, which means its ``checkpoints/<prefer>``."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / prefer, path / prefer):
+        for candidate in (path / layout.CHECKPOINTS / prefer, path / prefer):
             if candidate.is_file():
                 path = candidate
                 break

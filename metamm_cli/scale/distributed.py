@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from metamm_cli import ConfigError
+
 
 class World:
     """This process's place among the training processes (a single process: rank 0 of 1)."""
@@ -183,3 +185,39 @@ def gather_tasks(values: torch.Tensor, total: int, w: World) -> torch.Tensor:
     out = [torch.empty_like(padded) for _ in range(w.size)]
     dist.all_gather(out, padded)
     return torch.cat([o[:b - a] for o, (a, b) in zip(out, sizes)])
+
+
+def rank_overrides(argv: List[str]):
+    """Under torchrun: rank 0 picks the run folder (a new one, or the resumed run's) and every
+    rank uses it; ranks > 0 log to ``train_rank<r>.log`` there and print only warnings."""
+    import time
+
+    from metamm_cli.errors import one_line
+    from metamm_cli.runs.checkpoint import load_checkpoint
+    from metamm_cli.runs.resume import RESUMABLE, resume_overrides
+
+    w = world()
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise ConfigError("torchrun trains one run over several processes: drop -m (a sweep of "
+                          "distributed jobs: hydra/launcher=submitit_slurm hydra.launcher.tasks_per_node=N)")
+    picked = None
+    if w.main:
+        try:
+            extra, ckpt = resume_overrides(argv)
+            if not extra and ckpt is None and not any(a.startswith("hydra.run.dir=") for a in argv):
+                stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{int(time.time() * 1e6) % 1000000:06d}"
+                extra = [f"hydra.run.dir=${{output_root}}/${{task_name}}/runs/{stamp}"]
+            picked = {"extra": extra, "ckpt": ckpt["path"] if ckpt else None}
+        except Exception as e:  # noqa: BLE001 - every rank must hear it, or they wait forever
+            picked = {"error": one_line(e)}
+            broadcast(picked, w)
+            raise
+    picked = broadcast(picked, w)
+    if "error" in picked:
+        raise ConfigError(f"rank 0: {picked['error']}")
+    ckpt = load_checkpoint(picked["ckpt"], key="trainer.resume", versions=RESUMABLE) if picked["ckpt"] else None
+    extra = list(picked["extra"])
+    if not w.main:
+        extra += ["hydra.output_subdir=null", f"hydra.job.name=train_rank{w.rank}",
+                  "hydra.job_logging.root.level=WARNING"]
+    return extra, ckpt

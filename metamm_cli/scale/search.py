@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from metamm_cli import ConfigError
+from metamm_cli.runs import layout
 
-STUDY_FILE = "optuna.db"
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold", "none")
 
 
@@ -38,7 +38,7 @@ def require_optuna() -> None:
 
 
 def storage_url(sweep_dir: Path, storage: Optional[str] = None) -> str:
-    return storage or f"sqlite:///{Path(sweep_dir).resolve() / STUDY_FILE}"
+    return storage or f"sqlite:///{Path(sweep_dir).resolve() / layout.STUDY}"
 
 
 def _build(kind, spec: Dict[str, Any], key: str):

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from metamm_cli import ConfigError
+from metamm_cli.runs import layout
 
-RUNNING = "RUNNING"
 _HELD: set = set()  # run folders this process holds
 
 
 def _read(run_dir: Path) -> Optional[Dict]:
     try:
-        mark = json.loads((Path(run_dir) / RUNNING).read_text())
+        mark = json.loads((Path(run_dir) / layout.CLAIM).read_text())
     except (OSError, ValueError):
         return None
     return mark if isinstance(mark, dict) else None
@@ -96,12 +96,12 @@ def claim(run_dir: Path, key: str = "run") -> None:
             if _live(mark):
                 raise ConfigError(f"{key}: run {run_dir} is in use by pid {mark.get('pid')} on "
                                   f"{mark.get('host')} (since {mark.get('since')}); wait for it or stop "
-                                  f"it first; delete {run_dir / RUNNING} only if that process is gone")
-            path = run_dir / RUNNING
+                                  f"it first; delete {run_dir / layout.CLAIM} only if that process is gone")
+            path = run_dir / layout.CLAIM
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:  # stale marker: replace it whole
-                tmp = run_dir / f".{RUNNING}.{os.getpid()}.tmp"
+                tmp = run_dir / f".{layout.CLAIM}.{os.getpid()}.tmp"
                 tmp.write_bytes(body)
                 os.replace(tmp, path)
             else:
@@ -117,7 +117,7 @@ def release(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     _HELD.discard(run_dir.resolve())
     if _ours(_read(run_dir)):
-        (run_dir / RUNNING).unlink(missing_ok=True)
+        (run_dir / layout.CLAIM).unlink(missing_ok=True)
 
 
 def release_all() -> None:

@@ -17,14 +17,12 @@ import copy
 import json
 import logging
 import os
+from metamm_cli.runs import layout
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from metamm_cli import ConfigError
 
 log = logging.getLogger("metamm")
-
-ENSEMBLE_FILE = "ensemble.json"
 
 
 # -- the summaries of a curve
@@ -80,7 +78,7 @@ def make_ensembles(runs: List[Dict], out=None) -> List[Path]:
         m = single_modality(run)
         if m is None or run["status"] not in ("finished", "finished early", "stopped"):
             continue
-        if not (Path(run["path"]) / "checkpoints" / "best.pt").is_file():
+        if not (Path(run["path"]) / layout.CHECKPOINTS / layout.BEST).is_file():
             continue
         dataset = (run["config"].get("dataset") or {}).get("_target_")
         key = (dataset, run["seed"], json.dumps(run["config"].get("eval"), sort_keys=True, default=str))
@@ -107,7 +105,7 @@ def write_ensemble(group: Dict[str, Dict], seed) -> Path:
     checkpoint (self-contained)."""
     import yaml
 
-    from metamm_cli.checkpoint import load_checkpoint, save_checkpoint
+    from metamm_cli.runs.checkpoint import load_checkpoint, save_checkpoint
     from metamm_cli.data.base import build_dataset
     from omegaconf import OmegaConf
 
@@ -116,8 +114,8 @@ def write_ensemble(group: Dict[str, Dict], seed) -> Path:
     names = build_dataset(OmegaConf.create({**first["config"]["dataset"], "modalities": None})).modality_names()
     mods = [m for m in names if m in group]
     folder = Path(os.path.commonpath([r["path"] for r in runs])) / f"ensemble_{'+'.join(mods)}_seed{seed}"
-    ckpt = folder / "checkpoints" / "best.pt"
-    sources = [Path(r["path"]) / "checkpoints" / "best.pt" for r in runs]
+    ckpt = folder / layout.CHECKPOINTS / layout.BEST
+    sources = [Path(r["path"]) / layout.CHECKPOINTS / layout.BEST for r in runs]
     if ckpt.is_file() and all(ckpt.stat().st_mtime >= s.stat().st_mtime for s in sources):
         return folder
     config = copy.deepcopy(first["config"])
@@ -125,17 +123,36 @@ def write_ensemble(group: Dict[str, Dict], seed) -> Path:
     config["fusion"] = {"_target_": "ensemble"}
     members, states = {}, []
     for m in mods:
-        state = load_checkpoint(Path(group[m]["path"]), prefer="best.pt")
+        state = load_checkpoint(Path(group[m]["path"]), prefer=layout.BEST)
         members[m] = {"config": state["config"], "model": state["model"], "path": group[m]["path"],
                       "step": state.get("step")}
         states.append((state.get("data") or {}).get("state"))
     shared = [o for o in first["overrides"] if all(o in r["overrides"] for r in runs)]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".hydra").mkdir(exist_ok=True)
-    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*shared, "fusion=ensemble"]))
-    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (folder / ENSEMBLE_FILE).write_text(json.dumps({"members": {m: group[m]["path"] for m in mods},
+    (folder / layout.HYDRA).mkdir(exist_ok=True)
+    (folder / layout.HYDRA / layout.OVERRIDES).write_text(yaml.safe_dump([*shared, "fusion=ensemble"]))
+    (folder / layout.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / layout.ENSEMBLE).write_text(json.dumps({"members": {m: group[m]["path"] for m in mods},
                                                     "seed": seed, "modalities": mods}, indent=2))
     data = {"state": states[0]} if all(s == states[0] for s in states) else {}
     save_checkpoint(ckpt, {"config": config, "ensemble": members, "model": {}, "data": data, "step": 0})
     return folder
+
+
+def missing_sweep(run: Dict) -> Dict[str, list]:
+    """The run's ``missing_sweep`` curves: from eval.json, else the first eval-NAME.json with one."""
+    for name in sorted(run["tests"]):  # "" (eval.json) sorts first
+        sweep = (run["tests"][name] or {}).get("missing_sweep")
+        if sweep:
+            return sweep
+    return {}
+
+
+def robust_curve(run: Dict) -> List[Dict]:
+    """The run's robustness curve: accuracy against the rate of every modality missing at once."""
+    return missing_sweep(run).get("all") or []
+
+
+def is_late(run: Dict) -> bool:
+    """A late-fusion run (``fusion=late``): the reference of effective robustness."""
+    return str(((run.get("config") or {}).get("fusion") or {}).get("_target_", "")).endswith(".Late")

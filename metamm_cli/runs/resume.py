@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from metamm_cli import ConfigError
-from metamm_cli.claim import RUNNING, running_pid
+from metamm_cli.runs.claim import running_pid
+from metamm_cli.runs import layout
 
 MODEL_KEYS = ("encoder", "fusion", "algorithm", "dataset.modalities")  # their change breaks the weights
 RESUMABLE = (2, 3)  # checkpoint format versions a run can continue from
@@ -30,7 +31,7 @@ def resume_command(run_dir: Path) -> str:
 def run_dir_of(ckpt: Path) -> Optional[Path]:
     """The run folder a checkpoint belongs to (``RUN/checkpoints/x.pt``), else None."""
     ckpt = Path(ckpt)
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return ckpt.parent.parent if ckpt.parent.name == layout.CHECKPOINTS else None
 
 
 def stopped_runs(root: Path) -> List[Path]:
@@ -72,8 +73,8 @@ def find_resume(resume: Any, runs_root: Path) -> Optional[Path]:
     run = path if path.is_dir() else path.parent.parent
     pid = running_pid(run)
     if pid is not None:
-        raise ConfigError(f"trainer.resume={resume}: that run is still running (pid {pid}, see {run / RUNNING}); "
-                          f"stop it first, or delete {RUNNING} if the process is gone")
+        raise ConfigError(f"trainer.resume={resume}: that run is still running (pid {pid}, see {run / layout.CLAIM}); "
+                          f"stop it first, or delete {layout.CLAIM} if the process is gone")
     return path
 
 
@@ -97,9 +98,9 @@ def find_sweep(resume: Any, task_root: Path) -> Path:
 def continue_job(run_dir: Path) -> Tuple[Optional[Dict], Optional[Dict]]:
     """A job of a continued sweep: (its metrics, None) when it finished, (None, its last.pt)
     when it stopped, (None, None) when it never started."""
-    from metamm_cli.checkpoint import load_checkpoint
+    from metamm_cli.runs.checkpoint import load_checkpoint
 
-    metrics, last = Path(run_dir) / "metrics.json", Path(run_dir) / "checkpoints" / "last.pt"
+    metrics, last = Path(run_dir) / layout.METRICS, Path(run_dir) / layout.CHECKPOINTS / layout.LAST
     if metrics.is_file():
         done = json.loads(metrics.read_text())
         if not done.get("interrupted"):
@@ -111,12 +112,12 @@ def continue_job(run_dir: Path) -> Tuple[Optional[Dict], Optional[Dict]]:
 
 def holds_a_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` already has a run's results (a new run there would overwrite them)."""
-    return (Path(run_dir) / "metrics.json").is_file() or (Path(run_dir) / "checkpoints").is_dir()
+    return (Path(run_dir) / layout.METRICS).is_file() or (Path(run_dir) / layout.CHECKPOINTS).is_dir()
 
 
 def resume_state(cfg: DictConfig) -> Optional[Dict]:
     """The checkpoint ``trainer.resume`` names (null: none)."""
-    from metamm_cli.checkpoint import load_checkpoint
+    from metamm_cli.runs.checkpoint import load_checkpoint
 
     path = find_resume(cfg.trainer.resume, Path(cfg.output_root) / cfg.task_name)
     return None if path is None else load_checkpoint(path, key="trainer.resume", versions=RESUMABLE)
@@ -160,5 +161,47 @@ def finished(ckpt: Dict, cfg: DictConfig, overrides: List[str]) -> Optional[Dict
     run = run_dir_of(Path(ckpt["path"])) or ckpt["path"]
     print(f"run {run} already finished at step {ckpt['step']}: nothing to train "
           f"(raise trainer.max_steps to continue it)")
-    done = Path(ckpt["path"]).parent.parent / "metrics.json"
+    done = Path(ckpt["path"]).parent.parent / layout.METRICS
     return json.loads(done.read_text()) if done.is_file() else {"step": ckpt["step"], "val_acc": None}
+
+
+def resume_overrides(argv: List[str]):
+    """For ``trainer.resume=...``: load the checkpoint before Hydra makes a folder and send the
+    run back into its own folder; with ``-m``, send the sweep back into its sweep folder (each
+    job then skips itself when finished, resumes from its last.pt when stopped). Returns (extra
+    overrides, checkpoint)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from metamm_cli.config import INFO_FLAGS, compose, option
+    from metamm_cli.runs.claim import claim
+
+    given = [a for a in argv if a.lstrip("+").startswith("trainer.resume=")]
+    if not given or given[-1].split("=", 1)[1] in ("", "null", "false", "False") or \
+            any(a in INFO_FLAGS for a in argv):
+        return [], None
+    value = given[-1].split("=", 1)[1]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp"):
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    if multirun:  # the sweep's own values (a,b,c) are not one config: where it lives is enough
+        overrides = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+                     if not o.is_sweep_override()]
+    user_dir = option(argv, "--config-dir", "-cd")
+    if user_dir:
+        overrides.append(f"hydra.searchpath=[file://{Path(user_dir).resolve()}]")
+    cfg = compose(overrides)
+    if multirun:
+        sweep = find_sweep(value, Path(cfg.output_root) / cfg.task_name)
+        return [f"hydra.sweep.dir={hydra_quote(sweep.resolve())}"], None
+    ckpt = resume_state(cfg)
+    run = run_dir_of(Path(ckpt["path"]))
+    if run is None:  # a loose checkpoint file: the run continues in a new folder
+        return [], ckpt
+    claim(run, f"trainer.resume={value}")  # before any work: a second resume is refused
+    return [f"hydra.run.dir={hydra_quote(run.resolve())}", "hydra.output_subdir=null"], ckpt

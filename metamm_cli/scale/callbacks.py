@@ -12,30 +12,30 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from metamm_cli import ConfigError
+from metamm_cli.runs import layout
 
 log = logging.getLogger("metamm")
 LAST_SWEEP: Dict[str, Any] = {}  # the sweep that just ended: its folder, runs and failed jobs
-FAILURES = "failed.jsonl"  # in the sweep folder: one line per failed job (any process, any launcher)
 
 
 def record_failure(job_dir: Path, message: str) -> None:
     """A sweep job failed: a line in the sweep's failed.jsonl, and the job's own failed.json
     unless its folder holds another run's results (a refused re-run leaves them alone)."""
-    from metamm_cli.record import write_json
-    from metamm_cli.resume import holds_a_run
+    from metamm_cli.runs.record import write_json
+    from metamm_cli.runs.resume import holds_a_run
 
     job_dir = Path(job_dir)
     line = json.dumps({"job": job_dir.name, "error": message, "time": time.time()}) + "\n"
-    with open(job_dir.parent / FAILURES, "a") as f:  # one short write: appends do not interleave
+    with open(job_dir.parent / layout.FAILURES, "a") as f:  # one short write: appends do not interleave
         f.write(line)
     if not holds_a_run(job_dir):
         job_dir.mkdir(parents=True, exist_ok=True)
-        write_json(job_dir / "failed.json", {"error": message})
+        write_json(job_dir / layout.FAILED, {"error": message})
 
 
 def failures_since(sweep_dir: Path, since: float) -> list:
     try:
-        lines = (Path(sweep_dir) / FAILURES).read_text().splitlines()
+        lines = (Path(sweep_dir) / layout.FAILURES).read_text().splitlines()
     except OSError:
         return []
     return [e["job"] for e in map(json.loads, lines) if e.get("time", 0) >= since]
@@ -43,7 +43,9 @@ def failures_since(sweep_dir: Path, since: float) -> list:
 
 def summarize_sweep(sweep_dir: Path) -> Dict[str, Any]:
     """Write ``summary.md`` and ``summary.json`` (metamm compare's table of the sweep's runs)."""
-    from metamm_cli.compare import find_runs, legend, load_run, render, table
+    from metamm_cli.runs.reader import find_runs, load_run
+    from metamm_cli.compare.render import legend, render
+    from metamm_cli.compare.table import table
 
     try:
         runs = [load_run(f) for f in find_runs([sweep_dir])]
@@ -51,8 +53,8 @@ def summarize_sweep(sweep_dir: Path) -> Dict[str, Any]:
         return {"runs": [], "table": ""}
     rows = table(runs)
     md = render(rows, "md") + "\n\n" + legend(rows) + "\n"
-    (sweep_dir / "summary.md").write_text(md)
-    (sweep_dir / "summary.json").write_text(render(rows, "json") + "\n")
+    (sweep_dir / layout.SUMMARY_MD).write_text(md)
+    (sweep_dir / layout.SUMMARY_JSON).write_text(render(rows, "json") + "\n")
     return {"runs": runs, "table": md}
 
 
@@ -69,4 +71,12 @@ class SweepSummary(Callback):
         LAST_SWEEP.update(summary, dir=sweep_dir,
                           failed=failures_since(sweep_dir, getattr(self, "started", 0.0)))
         if summary["runs"]:
-            log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", summary["table"])
+            log.info("sweep summary (%s):\n%s", sweep_dir / layout.SUMMARY_MD, summary["table"])
+
+
+def failed_jobs_line() -> str:
+    """The sweep that just ended, its failed jobs in one line."""
+    failed = LAST_SWEEP.get("failed") or []
+    return (f"{len(failed)} of {max(len(LAST_SWEEP.get('runs') or []), len(failed))} sweep jobs failed "
+            f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); see "
+            f"{LAST_SWEEP.get('dir')}/{layout.SUMMARY_MD}")

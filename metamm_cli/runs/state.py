@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metamm_cli import ConfigError
-from metamm_cli.checkpoint import mismatch
-from metamm_cli.record import write_metrics
-from metamm_cli.resume import hydra_quote, resume_command
+from metamm_cli.algorithms import mismatch
+from metamm_cli.runs import layout
 
 log = logging.getLogger("metamm")
 
@@ -151,7 +149,7 @@ class Run:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run_dir / layout.CHECKPOINTS
 
     def stored_config(self) -> Dict:
         return OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
@@ -169,30 +167,11 @@ def restore(run: Run, ckpt: Dict, changes: List[str]) -> None:
         log.info(line)
     log.info(f"resumed from {ckpt['path']} at step {run.state.step}")
     run.resumed_from = ckpt["path"]
-    old_best = Path(ckpt["path"]).parent / "best.pt"
+    old_best = Path(ckpt["path"]).parent / layout.BEST
     if old_best.is_file() and old_best.parent.resolve() != run.ckpt_dir.resolve():  # another folder: complete on its own
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(old_best, run.ckpt_dir / "best.pt")
+        shutil.copy2(old_best, run.ckpt_dir / layout.BEST)
 
 
 class Diverged(ConfigError):
     """A non-finite loss or gradient under trainer.on_nan=stop."""
-
-
-def stop_now(run: Run, signum: int) -> None:
-    """After the checkpoint of a stop request: metrics, the resume command, exit 128 + signum
-    (distributed: every rank stops after the same step; rank 0 has written)."""
-    from metamm_cli.distributed import barrier
-    from metamm_cli.launch import sweep_job
-
-    name = signal.Signals(signum).name
-    if run.world is None or run.world.main:
-        write_metrics(run, None, interrupted=name)
-        log.warning(f"{name} at step {run.state.step}: checkpoint saved to {run.ckpt_dir / 'last.pt'}; "
-                    f"resume with: {resume_command(run.run_dir)}")
-        if sweep_job():  # the whole sweep: its folder, the same command line, trainer.resume
-            log.warning(f"continue the whole sweep: its command with "
-                        f"'trainer.resume={hydra_quote(run.run_dir.parent.resolve())}' added")
-    if run.world is not None:
-        barrier(run.world)
-    raise SystemExit(128 + signum)
