@@ -17,6 +17,93 @@ from omegaconf import DictConfig, OmegaConf
 from metamm_cli import ConfigError
 
 
+class Range:
+    """A declared range of a numeric setting, checked by one mechanism (:func:`check_value`):
+    ``Range("> 0")``, ``Range(">= 1")``, ``Range("in [0, 1]")``, ``Range("in (0, 1]")``; ``null
+    or ...`` also admits None; ``float32=True`` also bounds it by float32's largest number.
+    Settings declare it where they are defined: a config dataclass field
+    (``field(default=..., metadata={"range": Range(...)})``) or a constructor argument
+    (``temperature: Annotated[float, Range("> 0")] = 10.0``, read by :func:`instantiate_checked`)."""
+
+    def __init__(self, spec: str, float32: bool = False):
+        self.spec, self.float32 = spec, float32
+        rule = spec[len("null or "):] if spec.startswith("null or ") else spec
+        self.nullable = rule != spec
+        if rule.startswith("in "):
+            lo_open, hi_open = rule[3] == "(", rule[-1] == ")"
+            lo, hi = (float(x) for x in rule[4:-1].split(","))
+            self.test = lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        else:
+            op, bound = rule.split()
+            bound = float(bound)
+            self.test = {">": lambda v: v > bound, ">=": lambda v: v >= bound, "<": lambda v: v < bound,
+                         "<=": lambda v: v <= bound}[op]
+
+    def __repr__(self) -> str:
+        return f"Range({self.spec!r})"
+
+    def allowed(self) -> str:
+        return self.spec + (" (a float32 number, < 3e38)" if self.float32 else "")
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return bool(self.test(value)) and (not self.float32 or abs(value) < 3e38)
+
+
+def check_value(key: str, value: Any, declared: Any) -> None:
+    """``key=value`` against what is declared for it: a :class:`Range`, or the choices of a
+    ``Literal[...]``; a value outside is one line naming the key and what is allowed."""
+    import typing
+
+    if isinstance(declared, Range):
+        if not declared.ok(value):
+            raise ConfigError(f"{key}={value} is out of range: must be {declared.allowed()}")
+    elif typing.get_origin(declared) is typing.Literal:
+        choices = typing.get_args(declared)
+        if value not in choices:
+            raise ConfigError(f"{key}={value}: must be one of {', '.join(map(str, choices))}")
+
+
+def declared_in(annotation: Any) -> List[Any]:
+    """The :class:`Range` / ``Literal`` declarations of a type annotation
+    (``Annotated[float, Range("> 0")]``, ``Optional[Annotated[...]]``, ``Literal["a", "b"]``)."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return [m for m in annotation.__metadata__ if isinstance(m, Range)] + declared_in(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return [annotation]
+    if origin is typing.Union:
+        return [d for a in typing.get_args(annotation) if a is not type(None) for d in declared_in(a)]
+    return []
+
+
+def check_arguments(target: Any, values: Dict[str, Any], key: str) -> None:
+    """Every constructor argument of ``target`` that declares a range or choices, with its value
+    in ``values`` (else its default), checked; messages name ``key.ARG``."""
+    import inspect
+    import typing
+
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target, include_extras=True)
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError, NameError):
+        return
+    for name, p in params.items():
+        for declared in declared_in(hints.get(name)):
+            value = values[name] if name in values else p.default
+            if value is not inspect.Parameter.empty:
+                check_value(f"{key}.{name}", value, declared)
+
+
+def _range(spec: str, float32: bool = False) -> Dict[str, Range]:
+    return {"range": Range(spec, float32)}
+
+
 class Amp(enum.Enum):
     none = "none"
     bf16 = "bf16"
@@ -53,9 +140,9 @@ class Split(enum.Enum):
 
 @dataclass
 class EpisodeConfig:
-    way: int = 5
-    shot: int = 1
-    query: int = 15
+    way: int = field(default=5, metadata=_range(">= 2"))
+    shot: int = field(default=1, metadata=_range(">= 1"))
+    query: int = field(default=15, metadata=_range(">= 1"))
     support_modalities: Optional[List[str]] = None  # cross-modal episodes: modalities kept in the support
     query_modalities: Optional[List[str]] = None  # ... and in the query (null = all)
 
@@ -64,30 +151,30 @@ class EpisodeConfig:
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by device.resolve_device)
     amp: Amp = Amp.none
-    max_steps: int = 1000
-    meta_batch: int = 4
-    task_chunk: Optional[int] = None  # tasks per forward/backward; None = whole meta-batch
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: Optional[float] = None
-    log_every: int = 50
-    val_every: int = 250
-    val_episodes: int = 200
-    ckpt_every: int = 250
-    keep_last: int = 0  # step_XXXXXXXX.pt checkpoints kept besides last.pt/best.pt
+    max_steps: int = field(default=1000, metadata=_range(">= 0"))
+    meta_batch: int = field(default=4, metadata=_range(">= 1"))
+    task_chunk: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # tasks per forward/backward; None = whole meta-batch
+    lr: float = field(default=1e-3, metadata=_range("> 0", True))
+    weight_decay: float = field(default=0.0, metadata=_range(">= 0", True))
+    grad_clip: Optional[float] = field(default=None, metadata=_range("null or > 0", True))
+    log_every: int = field(default=50, metadata=_range(">= 1"))
+    val_every: int = field(default=250, metadata=_range(">= 1"))
+    val_episodes: int = field(default=200, metadata=_range(">= 1"))
+    ckpt_every: int = field(default=250, metadata=_range(">= 1"))
+    keep_last: int = field(default=0, metadata=_range(">= 0"))  # step_XXXXXXXX.pt checkpoints kept besides last.pt/best.pt
     on_nan: OnNan = OnNan.stop  # non-finite loss/gradient: stop, or skip the update
     scheduler: Scheduler = Scheduler.none
-    step_size: int = 2000  # scheduler=step: steps between learning-rate drops ...
-    gamma: float = 0.5  # ... each multiplying it by gamma
-    lr_final: float = 0.0  # scheduler=linear: the learning rate reached at max_steps
+    step_size: int = field(default=2000, metadata=_range(">= 1"))  # scheduler=step: steps between learning-rate drops ...
+    gamma: float = field(default=0.5, metadata=_range("in (0, 1]"))  # ... each multiplying it by gamma
+    lr_final: float = field(default=0.0, metadata=_range(">= 0", True))  # scheduler=linear: the learning rate reached at max_steps
     optimizer: Optimizer = Optimizer.adam
-    momentum: float = 0.0  # optimizer=sgd
-    patience: Optional[int] = None  # stop after this many validations without a new best (null: never)
+    momentum: float = field(default=0.0, metadata=_range("in [0, 1)"))  # optimizer=sgd
+    patience: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # stop after this many validations without a new best (null: never)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume
     resume: Any = None  # null | true (latest run of this task) | path to a .pt or run folder
     progress: bool = True
     tensorboard: bool = True
-    threads: Optional[int] = None  # torch CPU threads; null: auto (device.auto_threads)
+    threads: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # torch CPU threads; null: auto (device.auto_threads)
     test: bool = False  # at the end, best.pt on the test split -> RUN/eval.json (as metamm eval)
     compile: bool = False  # torch.compile the embedding network (algorithms differentiated once)
     profile: bool = False  # a torch.profiler trace of steps 3-5 into the run's TensorBoard folder
@@ -97,8 +184,8 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     split: Split = Split.test
-    episodes: int = 600
-    tasks_per_batch: int = 50
+    episodes: int = field(default=600, metadata=_range(">= 1"))
+    tasks_per_batch: int = field(default=50, metadata=_range(">= 1"))
     seed: int = 0
     missing_sweep: Optional[List[float]] = None  # rates: accuracy with every modality (all), and each, missing at each rate
     missing_each: bool = True  # missing_sweep: also each modality alone (false: the all curve only)
@@ -106,9 +193,9 @@ class EvalConfig:
     task: EvalTask = EvalTask.fewshot  # fewshot episodes | cross-modal retrieval
     query_modality: Optional[str] = None  # retrieval: the query side ...
     gallery_modality: Optional[str] = None  # ... and the ranked side
-    way: Optional[int] = None  # validation and test episodes: null = episode.way ...
-    shot: Optional[int] = None  # ... episode.shot ...
-    query: Optional[int] = None  # ... episode.query
+    way: Optional[int] = field(default=None, metadata=_range("null or >= 2"))  # validation and test episodes: null = episode.way ...
+    shot: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # ... episode.shot ...
+    query: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # ... episode.query
 
 
 @dataclass
@@ -117,15 +204,15 @@ class MissingConfig:
     episode): ``train`` while training, ``test`` for validation and evaluation."""
     train: Dict[str, float] = field(default_factory=dict)
     test: Dict[str, float] = field(default_factory=dict)
-    schedule: str = "fixed"  # training: fixed rates | uniform: each task's rates drawn in [0, rate]
-    warmup: int = 0  # training: steps over which the train rates (and crossmodal) ramp from 0
-    crossmodal: float = 0.0  # training: probability that a task is cross-modal (support one modality, query another)
+    schedule: str = field(default="fixed", metadata={"choices": ("fixed", "uniform")})  # training: fixed rates | uniform: each task's rates drawn in [0, rate]
+    warmup: int = field(default=0, metadata=_range(">= 0"))  # training: steps over which the train rates (and crossmodal) ramp from 0
+    crossmodal: float = field(default=0.0, metadata=_range("in [0, 1]"))  # training: probability that a task is cross-modal (support one modality, query another)
 
 
 @dataclass
 class AlignConfig:
-    weight: float = 0.0  # > 0 adds the symmetric InfoNCE alignment of modalities to the loss
-    temperature: float = 0.07  # initial temperature (learned)
+    weight: float = field(default=0.0, metadata=_range(">= 0"))  # > 0 adds the symmetric InfoNCE alignment of modalities to the loss
+    temperature: float = field(default=0.07, metadata=_range("> 0"))  # initial temperature (learned)
 
 
 @dataclass
@@ -221,6 +308,7 @@ def instantiate_checked(node: DictConfig, key: str, convert: str = "none", **kwa
     for k in node.keys():
         if k not in _HYDRA_KEYS and OmegaConf.is_missing(node, k):
             raise ConfigError(f"{key}.{k} must be set ({key}.{k}=VALUE): it has no default")
+    check_arguments(obj, {k: node[k] for k in node.keys() if k not in _HYDRA_KEYS}, key)
     try:
         return instantiate(node, _convert_=convert, **kwargs)
     except MissingMandatoryValue as e:
@@ -300,48 +388,31 @@ def check_yaml(config_dir: Optional[str]) -> None:
                               f"{getattr(e, 'context', None) or ''} {getattr(e, 'problem', None) or e}".replace("  ", " "))
 
 
-_RANGES = [
-    ("episode.way", lambda v: v >= 2, ">= 2"),
-    ("episode.shot", lambda v: v >= 1, ">= 1"),
-    ("episode.query", lambda v: v >= 1, ">= 1"),
-    ("trainer.max_steps", lambda v: v >= 0, ">= 0"),
-    ("trainer.meta_batch", lambda v: v >= 1, ">= 1"),
-    ("trainer.task_chunk", lambda v: v is None or v >= 1, "null or >= 1"),
-    ("trainer.lr", lambda v: v > 0, "> 0"),
-    ("trainer.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("trainer.grad_clip", lambda v: v is None or v > 0, "null or > 0"),
-    ("trainer.log_every", lambda v: v >= 1, ">= 1"),
-    ("trainer.val_every", lambda v: v >= 1, ">= 1"),
-    ("trainer.val_episodes", lambda v: v >= 1, ">= 1"),
-    ("trainer.ckpt_every", lambda v: v >= 1, ">= 1"),
-    ("trainer.keep_last", lambda v: v >= 0, ">= 0"),
-    ("trainer.lr", lambda v: v < 3e38, "a float32 number (< 3e38)"),
-    ("trainer.weight_decay", lambda v: v < 3e38, "a float32 number (< 3e38)"),
-    ("trainer.grad_clip", lambda v: v is None or v < 3e38, "null or a float32 number (< 3e38)"),
-    ("trainer.threads", lambda v: v is None or v >= 1, "null (auto) or >= 1"),
-    ("trainer.step_size", lambda v: v >= 1, ">= 1"),
-    ("trainer.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("trainer.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("trainer.patience", lambda v: v is None or v >= 1, "null or >= 1"),
-    ("trainer.lr_final", lambda v: 0 <= v < 3e38, ">= 0 (a float32 number)"),
-    ("eval.way", lambda v: v is None or v >= 2, "null (episode.way) or >= 2"),
-    ("eval.shot", lambda v: v is None or v >= 1, "null (episode.shot) or >= 1"),
-    ("eval.query", lambda v: v is None or v >= 1, "null (episode.query) or >= 1"),
-    ("eval.episodes", lambda v: v >= 1, ">= 1"),
-    ("eval.tasks_per_batch", lambda v: v >= 1, ">= 1"),
-    ("align.weight", lambda v: v >= 0, ">= 0"),
-    ("missing.schedule", lambda v: v in ("fixed", "uniform"), "fixed or uniform"),
-    ("missing.warmup", lambda v: v >= 0, ">= 0"),
-    ("missing.crossmodal", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("align.temperature", lambda v: v > 0, "> 0"),
-]
+def declared_fields(schema: type = None, prefix: str = "") -> Dict[str, Any]:
+    """``{dotted key: Range or choices}`` declared on the config dataclasses' fields."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(schema or TrainConfig):
+        if "range" in f.metadata or "choices" in f.metadata:
+            out[prefix + f.name] = f.metadata.get("range") or typing_literal(f.metadata["choices"])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.update(declared_fields(type(default), prefix + f.name + "."))
+    return out
+
+
+def typing_literal(choices) -> Any:
+    import typing
+
+    return typing.Literal[tuple(choices)]
 
 
 def check_ranges(cfg: DictConfig) -> None:
-    for key, ok, allowed in _RANGES:
-        value = OmegaConf.select(cfg, key)
-        if not ok(value):
-            raise ConfigError(f"{key}={value} is out of range: must be {allowed}")
+    """The declared ranges and choices of the top-level settings (the config dataclasses'
+    fields), then what they cannot declare: the missing rates, the presets and recipes."""
+    for key, declared in declared_fields().items():
+        check_value(key, OmegaConf.select(cfg, key), declared)
     for phase in ("train", "test"):
         for m, p in (OmegaConf.select(cfg, f"missing.{phase}") or {}).items():
             if not isinstance(p, (int, float)) or isinstance(p, bool):

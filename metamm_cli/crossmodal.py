@@ -72,10 +72,8 @@ class Alignment(nn.Module):
     query together), averaged over the pairs that co-occur; the temperature is learned
     (``log_scale``, initialised to ``log(1 / temperature)``, scale clamped to 100 as in CLIP)."""
 
-    def __init__(self, temperature: float = 0.07):
+    def __init__(self, temperature: float = 0.07):  # align.temperature: its range is declared in config.py
         super().__init__()
-        if not temperature > 0:
-            raise ConfigError(f"align.temperature={temperature} is out of range: must be > 0")
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
 
     def forward(self, feats: Dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
@@ -100,9 +98,7 @@ def attach(algo: nn.Module, cfg: DictConfig, modalities: Sequence[str]) -> nn.Mo
     support_keep = modality_mask(E.get("support_modalities"), modalities, "episode.support_modalities")
     query_keep = modality_mask(E.get("query_modalities"), modalities, "episode.query_modalities")
     align = cfg.get("align") or {}
-    weight = float(align.get("weight", 0.0))
-    if weight < 0:
-        raise ConfigError(f"align.weight={weight} is out of range: must be >= 0")
+    weight = float(align.get("weight", 0.0))  # its range is declared in config.py (check_ranges)
     if weight > 0:
         algo.alignment = Alignment(float(align.get("temperature", 0.07)))
     stash: Dict[str, Episode] = {}

@@ -64,9 +64,7 @@ def set_threads(threads: Any, deterministic: bool = False) -> int:
     the machine's load: another thread count sums in another order)."""
     if threads is None and deterministic:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = auto_threads() if threads is None else int(threads)
-    if n < 1:
-        raise ConfigError(f"trainer.threads={threads} is out of range: must be null (auto) or >= 1")
+    n = auto_threads() if threads is None else int(threads)  # trainer.threads: its range is declared in config.py
     torch.set_num_threads(n)
     return n
 
@@ -107,9 +105,9 @@ def compile_model(algo, backend: str = "inductor") -> None:
     differentiate twice (pytorch #91469): an algorithm that does (second-order MAML, Meta-SGD,
     ANIL) is refused; the MAML family's per-task programs (functional_call with adapted weights)
     are not compiled either: metric, transfer and ProtoNet-like algorithms are."""
-    if hasattr(algo, "first_order") or hasattr(algo, "inner_steps"):
+    if algo.inner_loop:
         raise ConfigError(f"trainer.compile=true: {type(algo).__name__} adapts weights per task "
-                          f"(functional_call{'' if getattr(algo, 'first_order', True) else ', second order'}), "
+                          f"(functional_call{', second order' if algo.differentiates_twice else ''}), "
                           f"which torch.compile cannot compile; use a metric or transfer algorithm, "
                           f"or trainer.compile=false")
     model = algo.model

@@ -10,15 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from metamm_cli.config import config_dir, register_schemas  # noqa: E402
+from metamm_cli.config import compose  # noqa: E402
 
 
 def compose_config(overrides, name: str = "train"):
-    register_schemas()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+    return compose(overrides, name)
 
 
 def measure(steps, device, repeats, warmup=1):

@@ -25,15 +25,16 @@ import time
 import torch
 from _common import compose_config, measure
 
-from metamm_cli.algorithms import build_algorithm
+from metamm_cli.algorithms import build_algorithm, registered
 from metamm_cli.algorithms.functional import resolve_execution
 from metamm_cli.algorithms.maml import MAML, meta_loss_loop
 from metamm_cli.data.base import build_dataset
 from metamm_cli.data.episodes import EpisodeSampler
 from metamm_cli.device import autocast_for, resolve_device
 
-OPTIMIZATION = ("maml", "fomaml", "anil", "metasgd", "reptile")
-OTHERS = ("protonet", "matching", "relation", "siamese", "gnn", "hypernet", "finetune")
+# every shipped algorithm but the cross-modal one (no loop baseline), the MAML family first: declared on the classes
+ALGORITHMS = dict(sorted(((n, c) for n, c in registered().items() if c.family != "cross-modal"),
+                         key=lambda nc: not nc[1].inner_loop))
 
 
 def execution_of(algo, device) -> str:
@@ -56,10 +57,10 @@ def main():
     base = ["dataset.modalities=[image]", "dataset.image_size=28", "encoder/image=conv4", f"encoder.dim={width}",
             f"encoder.image.hidden={width}", "episode.way=5", "episode.shot=1", "episode.query=15",
             f"trainer.meta_batch={args.tasks}", f"trainer.amp={args.amp}", f"trainer.device={args.device}"]
-    names = [a for a in (*OPTIMIZATION, *OTHERS) if not args.only or a in args.only.split(",")]
+    names = [a for a in ALGORITHMS if not args.only or a in args.only.split(",")]
     steps, built = {}, {}
     for name in names:
-        for inner in (args.inner if name in OPTIMIZATION else [None]):
+        for inner in (args.inner if ALGORITHMS[name].inner_loop else [None]):
             extra = [f"algorithm={name}"] + ([f"algorithm.inner_steps={inner}"] if inner else [])
             label = f"{name}[steps={inner}]" if inner else name
             cfg = compose_config([*base, *extra, *overrides])
@@ -73,7 +74,7 @@ def main():
                 # the loop baseline calls the model one task at a time: embed it in one call per task
                 cfg_k = compose_config([*base, *extra, *overrides] + (
                     ["algorithm.execution=batch"] if kind == "loop" and "execution" in cfg.algorithm
-                    and name in OTHERS else []))
+                    and not ALGORITHMS[name].inner_loop else []))
                 torch.manual_seed(0)
                 algo = build_algorithm(cfg_k, dataset).to(device).train()
                 opt = torch.optim.Adam([p for p in algo.parameters() if p.requires_grad], lr=1e-4)
@@ -85,7 +86,7 @@ def main():
                         with autocast():
                             loss = algo(episode)[0]
                         scaler.scale(loss).backward()
-                    elif name in OPTIMIZATION and name != "reptile":
+                    elif ALGORITHMS[name].query_meta_loss:
                         with autocast():
                             loss = meta_loss_loop(algo, episode)
                         scaler.scale(loss).backward()
@@ -98,7 +99,7 @@ def main():
                     scaler.update()
                 steps[f"{label}/{kind}"] = step
                 built[f"{label}/{kind}"] = execution_of(algo, device) if kind == "metamm" else (
-                    "learn2learn loop" if name in OPTIMIZATION and name != "reptile" else "per-episode loop")
+                    "learn2learn loop" if ALGORITHMS[name].query_meta_loss else "per-episode loop")
     timed = measure(steps, device, args.repeats, warmup=2)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -12,11 +12,12 @@ from test_algorithm_gradients import assert_same, chunked_grads, grads_of, setup
 from torch import nn
 
 from metamm_cli import ConfigError
+from metamm_cli.algorithms import registered
 from metamm_cli.algorithms.functional import (TaskBatchNorm1d, TaskBatchNorm2d, sequential_running_stats,
                                               task_groups, task_norms)
 from metamm_cli.algorithms.protonet import ProtoNet
 
-METRIC = ["protonet", "matching", "relation", "siamese", "gnn", "hypernet"]
+METRIC = [n for n, c in registered().items() if c.task_batchnorm]  # declared on the class
 BN_MODALITIES = "dataset.modalities=[image,audio]"  # conv4 (BatchNorm2d) and conv1d (BatchNorm1d)
 
 

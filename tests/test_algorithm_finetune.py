@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from metamm_cli import ConfigError
+from metamm_cli.config import check_arguments
 from metamm_cli.algorithms.finetune import (DistLinear, Finetune, epoch_permutations, fit_head,
                                             head_logits, head_params_logits, init_head, paper_scale)
 from metamm_cli.data.episodes import Episode
@@ -203,5 +204,6 @@ def test_cosine_checkpoint_without_learned_norm_loads_as_plain_cosine():
     ({"dampening": 1.5}, "algorithm.dampening=1.5"), ({"momentum": 1.0}, "algorithm.momentum=1.0"),
     ({"weight_decay": -1}, "algorithm.weight_decay=-1"), ({"scale": 0}, "algorithm.scale=0")])
 def test_bad_finetune_options_are_refused(kwargs, needle):
+    """Declared ranges on the constructor, checked by the one mechanism instantiate_checked uses."""
     with pytest.raises(ConfigError, match=needle):
-        Finetune(Identity(4), 3, num_classes=10, **kwargs)
+        check_arguments(Finetune, kwargs, "algorithm")

@@ -33,7 +33,7 @@ CASES = [
     (["eval", "--ckpt", "/no/such.pt"], ["--ckpt /no/such.pt", "no such file"]),
     (["frobnicate"], ["unknown command 'frobnicate'", "train, eval, data"]),
     (["data", "dataset.codes={train: 1}"], ["dataset.codes", ">= 2"]),
-    (TRAIN + ["trainer.threads=0"], ["trainer.threads=0", "null (auto) or >= 1"]),
+    (TRAIN + ["trainer.threads=0"], ["trainer.threads=0", "null or >= 1"]),
     # a key the target does not take, or a required one unset: named, with what is allowed
     (TRAIN + ["+dataset.bogus=1"], ["dataset.bogus: not a setting of dataset SyntheticMultimodal", "samples_per_class"]),
     (TRAIN + ["+fusion.bogus=1"], ["fusion.bogus: not a setting of fusion Concat"]),

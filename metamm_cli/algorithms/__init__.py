@@ -69,3 +69,20 @@ def load_weights(algo: nn.Module, weights: Dict[str, torch.Tensor], what: str) -
     except RuntimeError as e:
         raise ConfigError(f"{what}: its weights do not fit the model of its config (was an encoder, "
                           f"fusion or algorithm key changed? {mismatch(algo, weights)})") from e
+
+
+def registered() -> Dict[str, type]:
+    """Every shipped algorithm, ``{name: class}`` from ``configs/algorithm/NAME.yaml``'s
+    ``_target_``: what tests, benchmarks and sweeps enumerate (a new algorithm is one file plus
+    one YAML, and its declarations on the class say what it is and can do)."""
+    from pathlib import Path
+
+    import yaml
+    from hydra.utils import get_class
+
+    from metamm_cli.config import config_dir
+
+    out = {}
+    for path in sorted(Path(config_dir(), "algorithm").glob("*.yaml")):
+        out[path.stem] = get_class(yaml.safe_load(path.read_text())["_target_"])
+    return out

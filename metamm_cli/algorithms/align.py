@@ -11,6 +11,8 @@ class AlignProtoNet(ProtoNet):
     the query logits are ProtoNet's, so validation and ``metamm eval`` measure few-shot accuracy
     in the aligned space. Use with ``mapping=linear|mlp`` and a sample-level fusion (``mean``)."""
 
+    family = "cross-modal"
+
     def __init__(self, model, way, temperature: float = 0.07, **kwargs):
         super().__init__(model, way, **kwargs)
         self.align = Alignment(temperature)

@@ -38,6 +38,23 @@ class MetaAlgorithm(nn.Module):
     GPUs. ``bn_stats=batch`` always embeds in one call.
     """
 
+    # What the algorithm is and can do, declared here (tests, benchmarks and sweeps read these
+    # instead of keeping lists): its family (the README's grouping), whether it embeds a
+    # meta-batch with per-task BatchNorm statistics (``bn_stats``), whether it adapts weights per
+    # task with an inner loop, and whether its meta-loss is the adapted model's query loss (the
+    # MAML family but Reptile). :meth:`fixed_way` and :attr:`differentiates_twice` depend on the
+    # instance's settings.
+    family = "metric"  # metric | optimization | model-based | transfer | cross-modal
+    task_batchnorm = True
+    inner_loop = False
+    query_meta_loss = False
+
+    @property
+    def differentiates_twice(self) -> bool:
+        """Whether a training step differentiates through a gradient (second-order MAML, Meta-SGD,
+        ANIL): ``torch.compile`` cannot (pytorch #91469)."""
+        return False
+
     def __init__(self, model: MultimodalNet, way: int, num_classes: Optional[int] = None,
                  bn_stats: str = "task", execution: str = "auto"):
         super().__init__()

@@ -5,13 +5,14 @@ Reference code: github.com/wyharveychen/CloserLookFewShot (``methods/baselinetra
 ``methods/baselinefinetune.py``, ``backbone.py`` ``distLinear``)."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Annotated, Dict, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metamm_cli import ConfigError
+from metamm_cli.config import Range
 from metamm_cli.algorithms.base import MetaAlgorithm
 from metamm_cli.algorithms.functional import upcast
 
@@ -140,24 +141,16 @@ class Finetune(MetaAlgorithm):
     while training (a batch of N*(K+Q) images: nearer the paper's minibatches of 16 than the
     pooled meta-batch), and on the CPU the tasks are embedded one at a time (``execution``)."""
 
-    def __init__(self, model, way, num_classes: Optional[int] = None, head: str = "linear",
-                 scale: Optional[float] = None, finetune_epochs: int = 100, batch_size: int = 4,
-                 finetune_lr: float = 0.01, momentum: float = 0.9, dampening: float = 0.9,
-                 weight_decay: float = 0.001, execution: str = "auto"):
+    family = "transfer"
+    task_batchnorm = False  # normalises each task on its own, always (no bn_stats setting)
+
+    def __init__(self, model, way, num_classes: Optional[int] = None, head: Literal[HEADS] = "linear",
+                 scale: Annotated[Optional[float], Range("null or > 0")] = None,
+                 finetune_epochs: Annotated[int, Range(">= 1")] = 100, batch_size: Annotated[int, Range(">= 1")] = 4,
+                 finetune_lr: Annotated[float, Range("> 0")] = 0.01, momentum: Annotated[float, Range("in [0, 1)")] = 0.9,
+                 dampening: Annotated[float, Range("in [0, 1]")] = 0.9,
+                 weight_decay: Annotated[float, Range(">= 0")] = 0.001, execution: str = "auto"):
         super().__init__(model, way, num_classes, bn_stats="task", execution=execution)
-        if head not in HEADS:
-            raise ConfigError(f"algorithm.head={head}: must be one of {', '.join(HEADS)}")
-        if finetune_epochs < 1:
-            raise ConfigError(f"algorithm.finetune_epochs={finetune_epochs} is out of range: must be >= 1")
-        if batch_size < 1:
-            raise ConfigError(f"algorithm.batch_size={batch_size} is out of range: must be >= 1")
-        if not finetune_lr > 0:
-            raise ConfigError(f"algorithm.finetune_lr={finetune_lr} is out of range: must be > 0")
-        if not 0 <= momentum < 1 or not 0 <= dampening <= 1 or weight_decay < 0:
-            raise ConfigError(f"algorithm.momentum={momentum} must be in [0, 1), algorithm.dampening="
-                              f"{dampening} in [0, 1] and algorithm.weight_decay={weight_decay} >= 0")
-        if scale is not None and not scale > 0:
-            raise ConfigError(f"algorithm.scale={scale} is out of range: must be null or > 0")
         if not num_classes:
             raise ConfigError("algorithm=finetune needs the number of training classes "
                               "(build it with metamm_cli.algorithms.build_algorithm)")

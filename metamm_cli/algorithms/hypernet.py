@@ -23,6 +23,8 @@ class HyperNet(MetaAlgorithm):
     plus a learned term); queries are scored by a cosine classifier ``tau cos(z, w_c)`` with a
     learned temperature. No inner gradient steps; any way at test time."""
 
+    family = "model-based"
+
     def __init__(self, model, way, num_classes: Optional[int] = None, hidden: int = 128,
                  temperature: float = 10.0, bn_stats: str = "task",
                  execution: str = "auto"):

@@ -6,7 +6,7 @@ inner learning rates (:meth:`MAML.learned_lrs`) or the per-task program (:meth:`
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Annotated, Dict, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metamm_cli import ConfigError
+from metamm_cli.config import Range
 from metamm_cli.algorithms.base import MetaAlgorithm
 from metamm_cli.algorithms.functional import (BatchStatNorm, Params, check_execution,  # noqa: F401
                                               functional_norms, run_tasks, sgd_adapt, upcast)
@@ -39,18 +40,19 @@ class MAML(MetaAlgorithm):
     so any way works at test time.
     """
 
-    def __init__(self, model, way, num_classes: Optional[int] = None, inner_lr: float = 0.4,
-                 inner_steps: int = 1, inner_steps_eval: int = 3, first_order: bool = False,
-                 head: str = "learned", execution: str = "auto"):
+    family = "optimization"
+    task_batchnorm = False  # its norm layers are functional: per task by construction
+    inner_loop = True
+    query_meta_loss = True
+
+    @property
+    def differentiates_twice(self) -> bool:
+        return not self.first_order
+
+    def __init__(self, model, way, num_classes: Optional[int] = None, inner_lr: Annotated[float, Range("> 0")] = 0.4,
+                 inner_steps: Annotated[int, Range(">= 1")] = 1, inner_steps_eval: Annotated[int, Range(">= 1")] = 3,
+                 first_order: bool = False, head: Literal["learned", "zero"] = "learned", execution: str = "auto"):
         super().__init__(model, way, num_classes)
-        if head not in ("learned", "zero"):
-            raise ConfigError(f"algorithm.head={head}: must be learned or zero")
-        if inner_steps < 1:
-            raise ConfigError(f"algorithm.inner_steps={inner_steps} is out of range: must be >= 1")
-        if inner_steps_eval < 1:
-            raise ConfigError(f"algorithm.inner_steps_eval={inner_steps_eval} is out of range: must be >= 1")
-        if not inner_lr > 0:
-            raise ConfigError(f"algorithm.inner_lr={inner_lr} is out of range: must be > 0")
         check_execution(execution)
         functional_norms(model)
         self.net = Classifier(model, nn.Linear(model.out_dim, way))

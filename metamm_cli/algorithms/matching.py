@@ -1,13 +1,14 @@
 """Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra, NeurIPS 2016)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metamm_cli import ConfigError
+from metamm_cli.config import Range
 from metamm_cli.algorithms.base import MetaAlgorithm
 from metamm_cli.algorithms.functional import upcast
 from metamm_cli.algorithms.protonet import cosine_similarity
@@ -58,13 +59,9 @@ class MatchingNet(MetaAlgorithm):
     ``scale`` multiplies the cosine before the softmax (1 in the paper). Any way at test time."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None, fce: bool = False,
-                 fce_steps: int = 5, scale: float = 1.0, bn_stats: str = "task",
-                 execution: str = "auto"):
+                 fce_steps: Annotated[int, Range(">= 1")] = 5, scale: Annotated[float, Range("> 0")] = 1.0,
+                 bn_stats: str = "task", execution: str = "auto"):
         super().__init__(model, way, num_classes, bn_stats, execution)
-        if fce_steps < 1:
-            raise ConfigError(f"algorithm.fce_steps={fce_steps} is out of range: must be >= 1")
-        if not scale > 0:
-            raise ConfigError(f"algorithm.scale={scale} is out of range: must be > 0")
         if fce and getattr(model.fusion, "level", "sample") == "prototype":
             raise ConfigError("algorithm.fce=true reads the whole support set through an LSTM and cannot "
                               "be split by modality: use a sample-level fusion, or algorithm.fce=false "

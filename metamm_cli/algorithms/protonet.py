@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metamm_cli import ConfigError
+from metamm_cli.config import Range
 from metamm_cli.algorithms.base import MetaAlgorithm
 
 DISTANCES = ("sq_euclidean", "euclidean", "manhattan", "cosine")
@@ -53,13 +53,9 @@ class ProtoNet(MetaAlgorithm):
     ``cosine`` similarity times a learned temperature (initialised to ``temperature``)."""
 
     def __init__(self, model, way, num_classes: Optional[int] = None,
-                 distance: str = "sq_euclidean", temperature: float = 10.0, bn_stats: str = "task",
-                 execution: str = "auto"):
+                 distance: Literal[DISTANCES] = "sq_euclidean", temperature: Annotated[float, Range("> 0")] = 10.0,
+                 bn_stats: str = "task", execution: str = "auto"):
         super().__init__(model, way, num_classes, bn_stats, execution)
-        if distance not in DISTANCES:
-            raise ConfigError(f"algorithm.distance={distance}: must be one of {', '.join(DISTANCES)}")
-        if not temperature > 0:
-            raise ConfigError(f"algorithm.temperature={temperature} is out of range: must be > 0")
         self.distance = distance
         if distance == "cosine":
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))

@@ -1,13 +1,13 @@
 """Relation Networks (Sung, Yang, Zhang, Xiang, Torr & Hospedales, CVPR 2018)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metamm_cli import ConfigError
+from metamm_cli.config import Range
 from metamm_cli.algorithms.base import MetaAlgorithm
 from metamm_cli.algorithms.functional import upcast
 
@@ -34,14 +34,9 @@ class RelationNet(MetaAlgorithm):
     with ``loss=ce`` the scores are logits of a softmax. The embeddings here are vectors (the
     fusion's output), so the module is an MLP (the paper: two conv blocks then FC 8 -> 1)."""
 
-    def __init__(self, model, way, num_classes: Optional[int] = None, hidden: int = 8,
-                 loss: str = "mse", bn_stats: str = "task",
-                 execution: str = "auto"):
+    def __init__(self, model, way, num_classes: Optional[int] = None, hidden: Annotated[int, Range(">= 1")] = 8,
+                 loss: Literal["mse", "ce"] = "mse", bn_stats: str = "task", execution: str = "auto"):
         super().__init__(model, way, num_classes, bn_stats, execution)
-        if loss not in ("mse", "ce"):
-            raise ConfigError(f"algorithm.loss={loss}: must be mse or ce")
-        if hidden < 1:
-            raise ConfigError(f"algorithm.hidden={hidden} is out of range: must be >= 1")
         D = model.out_dim
         # LayerNorm on the pair (the paper's relation module has BatchNorm in its conv blocks):
         # without it the ReLUs die on unnormalised embeddings and every pair scores the same

@@ -34,6 +34,8 @@ class Reptile(MAML):
     query (no information flows between queries). Training logits (reported accuracy only) are
     computed on the whole query set. The reported training loss is the distance above."""
 
+    query_meta_loss = False  # its meta-loss is ½‖θ − stopgrad(φ̄)‖², not the query loss
+
     def __init__(self, model, way, num_classes: Optional[int] = None, inner_lr: float = 0.1,
                  inner_steps: int = 5, inner_steps_eval: int = 50, head: str = "learned",
                  execution: str = "auto"):

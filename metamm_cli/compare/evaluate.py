@@ -60,47 +60,43 @@ def evaluate_runs(folders: List[Path], sets: Dict[str, List[str]], log=sys.stder
     settings, ``eval.json``; NAME: with those overrides, ``eval-NAME.json``), in this process, on
     the episodes of each run's ``eval.seed``. A report newer than the checkpoint with the same
     overrides is kept; running runs are skipped. Returns one line per run that failed."""
-    from hydra import compose, initialize_config_dir
-
+    from metamm_cli.config import compose
     from metamm_cli.errors import one_line
-    from metamm_cli.config import config_dir, register_schemas
     from metamm_cli.evaluate import evaluate_checkpoint
     from metamm_cli.runs.record import write_json
 
-    register_schemas()
     problems = []
     todo = [(f, n, o) for f in folders for n, o in sets.items()]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        for i, (folder, name, overrides) in enumerate(todo, 1):
-            what = f"[{i}/{len(todo)}] {label(folder)} {layout.eval_file(name)}"
-            ckpt = folder / layout.CHECKPOINTS / layout.BEST
-            if not ckpt.is_file():
-                print(f"{what}: skipped (no checkpoints/best.pt yet)", file=log)
-                continue
-            if is_running(folder):
-                print(f"{what}: skipped (still running)", file=log)
-                continue
-            if is_fresh(folder, name, overrides):
-                print(f"{what}: up to date", file=log)
-                continue
-            quoted = "'" + str(ckpt).replace("\\", "\\\\").replace("'", "\\'") + "'"
-            try:
-                cfg = compose("eval", overrides=[*overrides, f"+ckpt={quoted}"])
-            except Exception as e:  # noqa: BLE001 - a bad override fails for every run: stop here
-                raise ConfigError(f"--eval-set {name}={','.join(overrides)}: {one_line(e)}" if name
-                                  else f"--eval: {one_line(e)}") from e
-            tmp = f".{layout.eval_file(name)}.{os.getpid()}.compare.tmp"
-            print(what, file=log)
-            try:
-                with contextlib.redirect_stdout(log):  # evaluate's own lines: not into the table
-                    report = evaluate_checkpoint(cfg, list(overrides), folder, filename=tmp)
-            except Exception as e:  # noqa: BLE001 - one run's failure is reported, the others go on
-                problems.append(f"{label(folder)} {layout.eval_file(name)}: {one_line(e)}")
-                print(f"{what}: error: {one_line(e)}", file=log)
-                continue
-            finally:
-                (folder / tmp).unlink(missing_ok=True)
-            write_json(folder / layout.eval_file(name), {**report, "eval_overrides": list(overrides)})
+    for i, (folder, name, overrides) in enumerate(todo, 1):
+        what = f"[{i}/{len(todo)}] {label(folder)} {layout.eval_file(name)}"
+        ckpt = folder / layout.CHECKPOINTS / layout.BEST
+        if not ckpt.is_file():
+            print(f"{what}: skipped (no checkpoints/best.pt yet)", file=log)
+            continue
+        if is_running(folder):
+            print(f"{what}: skipped (still running)", file=log)
+            continue
+        if is_fresh(folder, name, overrides):
+            print(f"{what}: up to date", file=log)
+            continue
+        quoted = "'" + str(ckpt).replace("\\", "\\\\").replace("'", "\\'") + "'"
+        try:
+            cfg = compose([*overrides, f"+ckpt={quoted}"], name="eval")
+        except Exception as e:  # noqa: BLE001 - a bad override fails for every run: stop here
+            raise ConfigError(f"--eval-set {name}={','.join(overrides)}: {one_line(e)}" if name
+                              else f"--eval: {one_line(e)}") from e
+        tmp = f".{layout.eval_file(name)}.{os.getpid()}.compare.tmp"
+        print(what, file=log)
+        try:
+            with contextlib.redirect_stdout(log):  # evaluate's own lines: not into the table
+                report = evaluate_checkpoint(cfg, list(overrides), folder, filename=tmp)
+        except Exception as e:  # noqa: BLE001 - one run's failure is reported, the others go on
+            problems.append(f"{label(folder)} {layout.eval_file(name)}: {one_line(e)}")
+            print(f"{what}: error: {one_line(e)}", file=log)
+            continue
+        finally:
+            (folder / tmp).unlink(missing_ok=True)
+        write_json(folder / layout.eval_file(name), {**report, "eval_overrides": list(overrides)})
     return problems
 
 

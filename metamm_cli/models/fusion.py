@@ -7,13 +7,14 @@ file in ``configs/fusion/`` naming it in ``_target_``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Annotated, Dict, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metamm_cli import ConfigError
+from metamm_cli.config import Range
 from metamm_cli.device import upcast
 
 
@@ -180,10 +181,8 @@ class LowRank(Fusion):
     of Zadeh et al. 2017. An absent modality enters as ``z_m = [0, ..., 0, 1]``, so its term is
     the learned last row of its factor (a learned missing embedding, the "1"-appended convention)."""
 
-    def __init__(self, modalities: Sequence[str], dim: int, rank: int = 4):
+    def __init__(self, modalities: Sequence[str], dim: int, rank: Annotated[int, Range(">= 1")] = 4):
         super().__init__(modalities, dim)
-        if rank < 1:
-            raise ConfigError(f"fusion.rank={rank} is out of range: must be >= 1")
         M = len(self.modalities)
         self.rank = rank
         self.factors = nn.Parameter(torch.empty(M, rank, dim + 1, dim))
@@ -208,10 +207,8 @@ class Graph(Fusion):
     messages ``h_i <- h_i + relu(W_t sum_j a_ij h_j)`` with ``a_ij`` the softmax of the learned
     edge logits over the present nodes ``j``; the readout is the mean of the present nodes."""
 
-    def __init__(self, modalities: Sequence[str], dim: int, rounds: int = 2):
+    def __init__(self, modalities: Sequence[str], dim: int, rounds: Annotated[int, Range(">= 1")] = 2):
         super().__init__(modalities, dim)
-        if rounds < 1:
-            raise ConfigError(f"fusion.rounds={rounds} is out of range: must be >= 1")
         M = len(self.modalities)
         self.edges = nn.Parameter(torch.zeros(M, M))
         self.node_type = nn.Parameter(torch.zeros(M, dim))
@@ -245,15 +242,10 @@ class Impute(Fusion):
     (``sg``: the target is not moved towards the prediction). A sample-level fusion: every
     algorithm can use it, the MAML family included."""
 
-    def __init__(self, modalities: Sequence[str], dim: int, predictor: str = "linear",
-                 combine: str = "concat", weight: float = 1.0, hidden: int = 128):
+    def __init__(self, modalities: Sequence[str], dim: int, predictor: Literal["linear", "mlp"] = "linear",
+                 combine: Literal["concat", "mean"] = "concat", weight: Annotated[float, Range(">= 0")] = 1.0,
+                 hidden: Annotated[int, Range(">= 1")] = 128):
         super().__init__(modalities, dim)
-        if predictor not in ("linear", "mlp"):
-            raise ConfigError(f"fusion.predictor={predictor}: must be linear or mlp")
-        if combine not in ("concat", "mean"):
-            raise ConfigError(f"fusion.combine={combine}: must be concat or mean")
-        if not weight >= 0:
-            raise ConfigError(f"fusion.weight={weight} is out of range: must be >= 0")
         if len(self.modalities) < 2:
             raise ConfigError(f"fusion=impute predicts one modality from another and needs at least two; "
                               f"dataset.modalities={self.modalities} has one")
