@@ -322,7 +322,7 @@ def cmd_data(argv: List[str]) -> int:
     from hydra import compose, initialize_config_dir
     from metamm_cli.config import check_ranges, config_dir, register_schemas
     from metamm_cli.data.base import build_dataset
-    from metamm_cli.data.episodes import EpisodeSampler
+    from metamm_cli.data.episodes import build_sampler
 
     if any(a in ("-h", "--help") for a in argv):
         print("usage: metamm data [dataset=NAME] [dataset.KEY=VALUE ...] [episode.way=N ...]\n"
@@ -348,7 +348,7 @@ def cmd_data(argv: List[str]) -> int:
                          for i, m in enumerate(names))
         print(f"{split:<6} {d.num_classes:>8} {len(d.labels):>8} {int(counts.min()):>9}  "
               f"present: {share}")
-        EpisodeSampler(d, E.way, E.shot, E.query, 1, split_name=split)  # checks feasibility
+        build_sampler(cfg, dataset, split, "cpu", 1, 0)  # checks feasibility (eval.* for val/test)
     print(f"episodes: {E.way}-way {E.shot}-shot {E.query}-query fit every split")
     return 0
 
