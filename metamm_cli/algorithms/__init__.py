@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from omegaconf import DictConfig
 
 from metamm_cli import ConfigError
 from metamm_cli.config import instantiate_checked
 from metamm_cli.algorithms.base import MetaAlgorithm, accuracy
-from metamm_cli.crossmodal import attach
+from metamm_cli.crossmodal import attach, restrict
 from metamm_cli.data.base import MultimodalDataset
 from metamm_cli.models.net import build_model
 
@@ -31,4 +32,19 @@ def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[i
         raise ConfigError(f"fusion={type(algo.model.fusion).__name__.lower()} works on prototypes and "
                           f"has no sample embedding: use a metric algorithm (protonet), not "
                           f"{type(algo).__name__}")
+    hide_class_level(algo, dataset)
     return attach(algo, cfg, list(dataset.modalities))  # cross-modal episodes, align.weight
+
+
+def hide_class_level(algo: MetaAlgorithm, dataset: MultimodalDataset) -> None:
+    """Class-level modalities (side information such as class attribute vectors: the same value
+    for every sample of a class) are shown with the support set only: a query carrying its class's
+    vector would give its label away. A forward pre-hook clears their presence in every query."""
+    specs = dataset.modalities
+    level = torch.tensor([s.level == "class" for s in specs.values()])
+    if not bool(level.any()):
+        return
+    if bool(level.all()):
+        raise ConfigError(f"dataset.modalities={list(specs)}: class-level side information alone cannot "
+                          f"classify queries; add a sample modality (e.g. image)")
+    algo.register_forward_pre_hook(lambda module, args: (restrict(args[0], None, ~level), *args[1:]))
