@@ -53,6 +53,13 @@ class MetaAlgorithm(nn.Module):
     def forward(self, episode: Episode) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def train_sampler(self, cfg, dataset, device, tasks: int, seed: int):
+        """What draws this algorithm's training batches: N-way K-shot episodes of the train split
+        (``episode.*``); classification algorithms return minibatches instead (``pretrain``)."""
+        from metamm_cli.data.episodes import build_sampler
+
+        return build_sampler(cfg, dataset, "train", device, tasks, seed)
+
     def fixed_way(self) -> Optional[str]:
         """Why this algorithm classifies only at its training way (a way-sized head), or None."""
         return None
