@@ -81,6 +81,9 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     if changed:
         log.warning(f"resume: {changed}")
     algo = build_algorithm(cfg, dataset).to(device)
+    if cfg.encoder.get("init") == "RUN_OR_CKPT":  # a preset's placeholder
+        raise ConfigError("encoder.init must be set: this preset starts from a pre-trained body "
+                          "(encoder.init=RUN_FOLDER or a .pt, e.g. a +exp=benchmarks/pretrain_resnet12_mini run)")
     if ckpt is None and cfg.encoder.get("init"):  # a fresh run started from another run's body
         log.info(load_body(algo, cfg.encoder.init))
     train_sampler = algo.train_sampler(cfg, dataset, device, T.meta_batch, cfg.seed)

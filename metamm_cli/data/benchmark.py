@@ -65,7 +65,7 @@ def array_chunk(x: np.ndarray, size: int) -> torch.Tensor:
         x = np.repeat(x, 3, axis=-1)
     if x.shape[1:3] != (size, size):
         x = np.stack([resize_array(np.ascontiguousarray(im), size) for im in x])
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.require(x, requirements=["C", "W"])).permute(0, 3, 1, 2)  # (a copy if read-only)
 
 
 class ImageBenchmark(MultimodalDataset):
@@ -89,8 +89,8 @@ class ImageBenchmark(MultimodalDataset):
         if not self.root.is_dir():
             raise ConfigError(f"dataset.root={root}: no such folder; it should hold {self.TITLE} in one of "
                               f"the layouts {self.layout_docs()}")
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or not 16 <= image_size <= 512:
-            raise ConfigError(f"dataset.image_size={image_size}: must be an integer in [16, 512]")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or not 8 <= image_size <= 512:
+            raise ConfigError(f"dataset.image_size={image_size}: must be an integer in [8, 512]")
         if storage not in STORAGE:
             raise ConfigError(f"dataset.storage={storage}: must be one of {', '.join(STORAGE)}")
         self.augment = {**AUGMENT, **(augment or {})}
@@ -190,6 +190,10 @@ class ImageBenchmark(MultimodalDataset):
         of ``split``, from the cache or decoded now (its class count checked first)."""
         if split not in self._entries:
             files = self.layout.split_files(self.root, split)
+            for f in files:
+                if not f.is_file():
+                    raise ConfigError(f"{f}: missing (a file of the {split} split in the {self.layout.name} "
+                                      f"layout: {self.layout.doc})")
 
             def build(alloc=None):
                 src = self.read(split)

@@ -75,7 +75,8 @@ def mapped(name: str, files: Iterable[Path], settings: Dict[str, Any],
     import numpy as np
 
     if not enabled:
-        return build(lambda shape: np.empty(shape, dtype=np.uint8))
+        value = build(lambda shape: np.empty(shape, dtype=np.uint8))
+        return {**value, "images": torch.from_numpy(value["images"])}
     base = cache_dir(folder) / f"{name}-{fingerprint(files, settings)}"
     meta_path, raw_path = Path(f"{base}.pt"), Path(f"{base}.u8")
     if meta_path.is_file() and raw_path.is_file():

@@ -32,7 +32,7 @@ def load_body(algo: torch.nn.Module, source: str) -> str:
     same = {k: v for k, v in theirs.items() if k in mine and tuple(v.shape) == tuple(mine[k].shape)}
     shaped = sorted(k for k in theirs if k in mine and k not in same)
     absent = sorted(k for k in mine if k not in theirs)
-    if not same:
+    if not any(v.dim() > 0 for v in same.values()):  # counters (num_batches_tracked) alone do not fit
         example = f" (e.g. {shaped[0]}: {list(theirs[shaped[0]].shape)} there, {list(mine[shaped[0]].shape)} here)" \
             if shaped else ""
         raise ConfigError(f"{key}={source}: no encoder tensor of {state['path']} fits this model "
