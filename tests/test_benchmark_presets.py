@@ -143,3 +143,21 @@ def test_pretrain_then_meta_train_end_to_end(copies, tmp_path):
     log = (tmp_path / run_dir_of(second) / "train.log").read_text()
     line = next(ln for ln in log.splitlines() if "encoder.init:" in ln)
     assert re.search(r"loaded (\d+) of this model's \1 encoder tensors from .*best\.pt", line), line
+
+
+def test_multimodal_cub_with_missing_modalities_and_retrieval(copies, tmp_path, monkeypatch, capsys):
+    """The multimodal CUB preset trains with modality dropout, then `metamm eval` ranks images by
+    captions (cross-modal retrieval) and scores episodes with captions missing half the time."""
+    root = copies("cub", "raw")
+    monkeypatch.setenv("METAMM_CACHE", str(root.parent / "cache"))
+    code, out, err = run_cli(["train", "+exp=benchmarks/cub_multimodal_protonet_5w1s", f"dataset.root={root}", *STEP,
+                              *tiny("cub_multimodal_protonet_5w1s"), "+missing.train.attributes=0.5"],
+                             monkeypatch, capsys, tmp_path)
+    assert code == 0, err
+    run = out.split("run directory: ")[1].splitlines()[0]
+    code, out, err = run_cli(["eval", "--ckpt", run, "eval.task=retrieval", "eval.query_modality=text",
+                              "eval.gallery_modality=image"], monkeypatch, capsys, tmp_path)
+    assert code == 0 and "retrieval on the test split" in out, err
+    code, out, err = run_cli(["eval", "--ckpt", run, "+missing.test.text=0.5", "eval.episodes=2"],
+                             monkeypatch, capsys, tmp_path)
+    assert code == 0 and "accuracy" in out, err
