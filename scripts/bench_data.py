@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("--source-size", type=int, default=84, help="84 px set: the written JPEGs' size (84: "
                     "copies resized to 84 px; ImageNet's originals are ~400 px)")
     args = ap.parse_args()
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # progress: not in the JSON
     if args.threads:
         torch.set_num_threads(args.threads)
     out = {"device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
