@@ -19,7 +19,7 @@ from conftest import compose_cfg, run_metamm
 import fewshot_files as F
 from metamm_cli import ConfigError
 from metamm_cli.algorithms import build_algorithm
-from metamm_cli.data.cifar import FC100, CifarFS
+from metamm_cli.data.cifar import CifarFS
 from metamm_cli.data.cub import CUB, METADATASET
 from metamm_cli.data.episodes import EpisodeSampler, build_sampler
 from metamm_cli.data.mini_imagenet import MiniImageNet
