@@ -125,6 +125,7 @@ class Scheduler(enum.Enum):
     cosine = "cosine"
     step = "step"
     linear = "linear"
+    multistep = "multistep"
 
 
 class Optimizer(enum.Enum):
@@ -167,8 +168,11 @@ class TrainerConfig:
     step_size: int = field(default=2000, metadata=_range(">= 1"))  # scheduler=step: steps between learning-rate drops ...
     gamma: float = field(default=0.5, metadata=_range("in (0, 1]"))  # ... each multiplying it by gamma
     lr_final: float = field(default=0.0, metadata=_range(">= 0", True))  # scheduler=linear: the learning rate reached at max_steps
+    milestones: List[int] = field(default_factory=list)  # scheduler=multistep: from these steps on ...
+    factors: List[float] = field(default_factory=list)  # ... lr x these factors (MetaOptNet's schedule)
     optimizer: Optimizer = Optimizer.adam
     momentum: float = field(default=0.0, metadata=_range("in [0, 1)"))  # optimizer=sgd
+    nesterov: bool = False  # optimizer=sgd: Nesterov momentum (MetaOptNet)
     patience: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # stop after this many validations without a new best (null: never)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume
     resume: Any = None  # null | true (latest run of this task) | path to a .pt or run folder
@@ -419,6 +423,13 @@ def check_ranges(cfg: DictConfig) -> None:
                 raise ConfigError(f"missing.{phase}.{m}={p}: a probability, must be a number in [0, 1]")
             if not 0 <= p <= 1:
                 raise ConfigError(f"missing.{phase}.{m}={p} is out of range: must be in [0, 1]")
+    T = cfg.trainer
+    milestones, factors = list(T.get("milestones") or []), list(T.get("factors") or [])
+    if len(milestones) != len(factors) or milestones != sorted(set(milestones)) or any(f <= 0 for f in factors):
+        raise ConfigError(f"trainer.milestones={milestones}, trainer.factors={factors}: increasing steps, one "
+                          f"positive learning-rate factor each (scheduler=multistep)")
+    if T.get("nesterov") and (enum_value(T.optimizer) != "sgd" or not T.momentum > 0):
+        raise ConfigError("trainer.nesterov=true needs trainer.optimizer=sgd and trainer.momentum > 0")
     for p in OmegaConf.select(cfg, "eval.missing_sweep") or []:
         if not 0 <= p <= 1:
             raise ConfigError(f"eval.missing_sweep: {p} is out of range: rates must be in [0, 1]")
@@ -437,6 +448,10 @@ def check_ranges(cfg: DictConfig) -> None:
     if recipe is not None and recipe.shared_space and mapping == "none":
         raise ConfigError(f"+recipe={recipe.name} trains a shared space across modalities, and mapping=none "
                           f"has none: set mapping=linear (or mlp), or drop the recipe")
+
+
+def enum_value(v) -> str:
+    return v.value if isinstance(v, enum.Enum) else str(v)
 
 
 def dataset_name(cfg: DictConfig) -> str:

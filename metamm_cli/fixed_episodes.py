@@ -102,7 +102,9 @@ class EpisodeBuilder:
             out[m] = torch.stack([x if x is not None else torch.zeros_like(ref) for x in data[m]])[None]
         present_t = torch.tensor(present, dtype=torch.bool)[None]
         idx = torch.arange(len(samples))[None]
-        return gather_modalities({m: x[0] for m, x in out.items()}, idx, present_t), present_t
+        inputs = gather_modalities({m: x[0] for m, x in out.items()}, idx, present_t)
+        transform = self.dataset.transform("test")  # as evaluation episodes see their inputs
+        return (inputs if transform is None else transform(inputs, 2)), present_t
 
     def episode(self, ep: dict, i: int) -> Episode:
         classes = list(dict.fromkeys(str(s["label"]) for s in ep["support"]))

@@ -69,7 +69,7 @@ def embed_modality(algo, split: SplitData, modality: str, batch: int = 512) -> t
     out = []
     for start in range(0, len(split.labels), batch):
         rows = torch.arange(start, min(start + batch, len(split.labels)), device=split.labels.device)
-        inputs = gather_modalities(split.data, rows)  # as in episodes: uint8 images become float
+        inputs = split.prepare(gather_modalities(split.data, rows), 1)  # as in episodes (evaluation transform)
         present = torch.zeros_like(split.present[start:start + batch])
         present[:, col] = True
         if prototype_level:

@@ -27,6 +27,7 @@ from metamm_cli.device import (autocast_for, compile_model, enum_name, make_dete
 from metamm_cli.scale.distributed import all_reduce_step, barrier, local_share, snapshot, world
 from metamm_cli.evaluate import evaluate, per_second
 from metamm_cli.scale.launch import job_share, sweep_job
+from metamm_cli.runs.pretrained import load_body
 from metamm_cli.optim import make_optimizer, make_scheduler
 from metamm_cli.runs.record import finite_json, hparams, open_folder, profiler, tensorboard, write_metrics
 from metamm_cli.runs.resume import continue_job, finished, holds_a_run, hydra_quote, merge_resume, resume_command, resume_state
@@ -83,10 +84,15 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     changed = describe_changes(stored.get("fingerprint"), fingerprint) if ckpt is not None else None
     if changed:
         log.warning(f"resume: {changed}")
-    train_sampler = build_sampler(cfg, dataset, "train", device, T.meta_batch, cfg.seed)
+    algo = build_algorithm(cfg, dataset).to(device)
+    if cfg.encoder.get("init") == "RUN_OR_CKPT":  # a preset's placeholder
+        raise ConfigError("encoder.init must be set: this preset starts from a pre-trained body "
+                          "(encoder.init=RUN_FOLDER or a .pt, e.g. a +exp=benchmarks/pretrain_resnet12_mini run)")
+    if ckpt is None and cfg.encoder.get("init"):  # a fresh run started from another run's body
+        log.info(load_body(algo, cfg.encoder.init))
+    train_sampler = algo.train_sampler(cfg, dataset, device, T.meta_batch, cfg.seed)
     val_tasks = min(T.val_episodes, cfg.eval.tasks_per_batch)
     val_sampler = build_sampler(cfg, dataset, "val", device, val_tasks, cfg.seed + 1)
-    algo = build_algorithm(cfg, dataset).to(device)
     if T.compile:
         compile_model(algo, T.compile_backend)
     optimizer = make_optimizer(algo.parameters(), T)
@@ -118,6 +124,9 @@ def train_step(run: Run, stop: bool = False) -> bool:
     T, S, w = run.cfg.trainer, run.state, run.world
     part = w.part(T.meta_batch) if w.distributed else None
     run.train_sampler.at_step(S.step)  # missing.warmup's ramp
+    for m in run.algo.modules():  # layers scheduled by the step (DropBlock's ramp)
+        if hasattr(m, "on_train_step"):
+            m.on_train_step(S.step)
     episode = run.train_sampler.sample(part=part)
     before = snapshot(run.algo) if w.distributed else None
     run.optimizer.zero_grad(set_to_none=True)

@@ -32,8 +32,8 @@ from metamm_cli.data.base import build_dataset
 from metamm_cli.data.episodes import EpisodeSampler
 from metamm_cli.device import autocast_for, resolve_device
 
-# every shipped algorithm but the cross-modal one (no loop baseline), the MAML family first: declared on the classes
-ALGORITHMS = dict(sorted(((n, c) for n, c in registered().items() if c.family != "cross-modal"),
+# every shipped episodic algorithm but the cross-modal one (no loop baseline), the MAML family first: declared on the classes
+ALGORITHMS = dict(sorted(((n, c) for n, c in registered().items() if c.family != "cross-modal" and c.episodic),
                          key=lambda nc: not nc[1].inner_loop))
 
 

@@ -38,7 +38,7 @@ def run_metamm(args, cwd, env=None, check=True):
 
 # The slowest files first: the workers (pytest-xdist, one file each at a time) then finish
 # together instead of one of them starting a long file last.
-SLOW_FIRST = ("test_sweeps.py", "test_algorithm_cli.py", "test_runs.py", "test_resume.py", "test_paper_presets.py",
+SLOW_FIRST = ("test_sweeps.py", "test_benchmark_presets.py", "test_algorithm_cli.py", "test_runs.py", "test_resume.py", "test_paper_presets.py",
               "test_distributed.py", "test_compare.py", "test_cli.py", "test_selfcontained.py")
 
 

@@ -26,7 +26,7 @@ EXTRA = {"reptile": ("algorithm.inner_steps_eval=10",),  # the paper's 50 test-t
          "relation": ("algorithm.loss=ce", "trainer.max_steps=40"),
          # learned edges and label routing: the GNN leaves chance after ~20 steps
          "gnn": ("trainer.max_steps=40",)}
-ANY_WAY = {"protonet", "matching", "relation", "siamese", "hypernet", "finetune", "align"}
+ANY_WAY = {"protonet", "matching", "relation", "siamese", "hypernet", "finetune", "pretrain", "align"}
 # align trains on the InfoNCE alignment of a sample's modalities alone: on the synthetic set the
 # modalities name independent codes, so it cannot learn the class there (tests/test_crossmodal.py
 # checks it against its definition and through the CLI); here it must train, save and evaluate.

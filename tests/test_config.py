@@ -27,6 +27,8 @@ OPTIONS += [f"+exp={p.stem}" for p in sorted((CONFIGS / "exp").glob("*.yaml"))]
 def test_every_option_builds_and_runs(option):
     over = [option] if option.startswith("+exp") else ["+exp=smoke", option]
     small = [f"encoder.{m}.hidden=8" for m in ("image", "audio", "strokes")]  # presets at test size
+    if option == "encoder/image=resnet12":  # no hidden width: four block widths, the last = encoder.dim
+        small = ["~encoder.image.hidden", "encoder.image.widths=[4,4,8,16]"] + small[1:]  # (smoke sets one)
     cfg = compose_cfg(over + ["encoder.dim=16", *small])
     root = cfg.dataset.get("root")
     if root is not None and not Path(str(root)).exists():  # a real-data preset on a machine without it

@@ -4,14 +4,13 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-from torch import nn
-
 from omegaconf import DictConfig
+from torch import nn
 
 from metamm_cli import ConfigError
 from metamm_cli.config import instantiate_checked
 from metamm_cli.algorithms.base import MetaAlgorithm, accuracy
-from metamm_cli.crossmodal import attach
+from metamm_cli.crossmodal import attach, restrict
 from metamm_cli.data.base import MultimodalDataset
 from metamm_cli.models.net import build_model
 
@@ -38,7 +37,22 @@ def build_algorithm(cfg: DictConfig, dataset: MultimodalDataset, way: Optional[i
                           f"({users}), not {type(algo).__name__}")
     if hasattr(fusion, "check"):  # a fusion's start-up checks of the setting it is used in
         fusion.check(cfg, list(dataset.modalities), shared=hasattr(algo.model, "mapping"))
+    hide_class_level(algo, dataset)
     return attach(algo, cfg, list(dataset.modalities))  # cross-modal episodes, align.weight
+
+
+def hide_class_level(algo: MetaAlgorithm, dataset: MultimodalDataset) -> None:
+    """Class-level modalities (side information such as class attribute vectors: the same value
+    for every sample of a class) are shown with the support set only: a query carrying its class's
+    vector would give its label away. A forward pre-hook clears their presence in every query."""
+    specs = dataset.modalities
+    level = torch.tensor([s.level == "class" for s in specs.values()])
+    if not bool(level.any()):
+        return
+    if bool(level.all()):
+        raise ConfigError(f"dataset.modalities={list(specs)}: class-level side information alone cannot "
+                          f"classify queries; add a sample modality (e.g. image)")
+    algo.register_forward_pre_hook(lambda module, args: (restrict(args[0], None, ~level), *args[1:]))
 
 
 def implements(algo: MetaAlgorithm, method: str) -> bool:

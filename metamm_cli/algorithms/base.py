@@ -45,6 +45,7 @@ class MetaAlgorithm(nn.Module):
     # MAML family but Reptile). :meth:`fixed_way` and :attr:`differentiates_twice` depend on the
     # instance's settings.
     family = "metric"  # metric | optimization | model-based | transfer | cross-modal
+    episodic = True  # trains on episodes (False: on plain minibatches, its own train_sampler)
     task_batchnorm = True
     inner_loop = False
     query_meta_loss = False
@@ -69,6 +70,13 @@ class MetaAlgorithm(nn.Module):
 
     def forward(self, episode: Episode) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    def train_sampler(self, cfg, dataset, device, tasks: int, seed: int):
+        """What draws this algorithm's training batches: N-way K-shot episodes of the train split
+        (``episode.*``); classification algorithms return minibatches instead (``pretrain``)."""
+        from metamm_cli.data.episodes import build_sampler
+
+        return build_sampler(cfg, dataset, "train", device, tasks, seed)
 
     def fixed_way(self) -> Optional[str]:
         """Why this algorithm classifies only at its training way (a way-sized head), or None."""

@@ -118,6 +118,29 @@ def fit_head(params: Head, zs: torch.Tensor, ys: torch.Tensor, perms: torch.Tens
     return {k: p.detach() for k, p in params.items()}
 
 
+def classify_all(algo: MetaAlgorithm, episode):
+    """Training by classification over every class of the training split: each support and query
+    sample of the batch, labelled with its split class id (``episode.classes``), through
+    ``algo.classifier``; the loss over all classes, and the logits of the episode's classes for its
+    query (a minibatch episode of :class:`metamm_cli.data.batches.BatchSampler`: every class)."""
+    zs, zq = algo.embed_episode(episode)
+    z = torch.cat([zs, zq], 1)
+    labels = torch.cat([episode.support_labels, episode.query_labels], 1)
+    glob = torch.gather(episode.classes, 1, labels)  # global class ids
+    logits = upcast(algo.classifier(z))
+    index = episode.classes[:, None].expand(-1, zq.shape[1], -1)
+    return algo.loss(logits, glob), torch.gather(logits[:, zs.shape[1]:], 2, index)
+
+
+def minibatches(cfg, dataset, device, batch: int, tasks: int, seed: int, key: str):
+    """Plain minibatches of ``batch`` training samples (:class:`metamm_cli.data.batches.BatchSampler`)."""
+    from metamm_cli.data.batches import BatchSampler
+    from metamm_cli.data.episodes import missing_rates
+
+    return BatchSampler(dataset.split("train", device), batch, tasks, seed,
+                        missing=missing_rates(cfg, "train"), key=key)
+
+
 class Finetune(MetaAlgorithm):
     """Training is ordinary classification over all ``num_classes`` classes of the training
     split (every support and query sample of the meta-batch, labelled with its global class id
@@ -133,10 +156,13 @@ class Finetune(MetaAlgorithm):
     tasks of the meta-batch at once; the head's initialisation and the orders come from a
     generator seeded afresh on every call (reproducible evaluation). Any way at test time.
 
+    ``train_batch``: the base classes are seen through plain minibatches of that many samples
+    (the paper: 16, with the dataset's augmentation), drawn from the whole training split; null
+    (default): through the meta-batch's episodes (class-balanced support and query sets).
+
     Departures from the paper: the features are the fused multimodal embedding of the whole
     network in eval mode (the paper: the backbone's pooled features, saved once in eval mode);
-    the base classes are seen through the meta-batch's episodes (class-balanced support and
-    query sets) instead of shuffled minibatches of 16 with data augmentation; the trainer's
+    episodes instead of minibatches unless ``train_batch`` is set; the trainer's
     optimizer (Adam) trains the body and the base head; BatchNorm normalises each task's samples
     while training (a batch of N*(K+Q) images: nearer the paper's minibatches of 16 than the
     pooled meta-batch), and on the CPU the tasks are embedded one at a time (``execution``)."""
@@ -149,8 +175,10 @@ class Finetune(MetaAlgorithm):
                  finetune_epochs: Annotated[int, Range(">= 1")] = 100, batch_size: Annotated[int, Range(">= 1")] = 4,
                  finetune_lr: Annotated[float, Range("> 0")] = 0.01, momentum: Annotated[float, Range("in [0, 1)")] = 0.9,
                  dampening: Annotated[float, Range("in [0, 1]")] = 0.9,
-                 weight_decay: Annotated[float, Range(">= 0")] = 0.001, execution: str = "auto"):
+                 weight_decay: Annotated[float, Range(">= 0")] = 0.001, execution: str = "auto",
+                 train_batch: Annotated[Optional[int], Range("null or >= 1")] = None):
         super().__init__(model, way, num_classes, bn_stats="task", execution=execution)
+        self.train_batch = train_batch
         if not num_classes:
             raise ConfigError("algorithm=finetune needs the number of training classes "
                               "(build it with metamm_cli.algorithms.build_algorithm)")
@@ -165,15 +193,15 @@ class Finetune(MetaAlgorithm):
     def test_scale(self, way: int) -> float:
         return paper_scale(way) if self.scale is None else self.scale
 
+    def train_sampler(self, cfg, dataset, device, tasks: int, seed: int):
+        if self.train_batch is None:
+            return super().train_sampler(cfg, dataset, device, tasks, seed)
+        return minibatches(cfg, dataset, device, self.train_batch, tasks, seed, "algorithm.train_batch")
+
     def forward(self, episode):
-        zs, zq = self.embed_episode(episode)
         if self.training:
-            z = torch.cat([zs, zq], 1)
-            labels = torch.cat([episode.support_labels, episode.query_labels], 1)
-            glob = torch.gather(episode.classes, 1, labels)  # global class ids
-            logits = upcast(self.classifier(z))
-            index = episode.classes[:, None].expand(-1, zq.shape[1], -1)
-            return self.loss(logits, glob), torch.gather(logits[:, zs.shape[1]:], 2, index)
+            return classify_all(self, episode)
+        zs, zq = self.embed_episode(episode)
         params = self.finetune(zs, episode.support_labels, episode.way)
         with torch.autocast(zq.device.type, enabled=False):
             logits = head_params_logits(params, upcast(zq), self.head, self.test_scale(episode.way))

@@ -4,7 +4,8 @@
   per-parameter (Meta-SGD) learning rate, second order unless ``first_order``.
 * :func:`run_tasks`: one per-task program over a meta-batch, either as one ``torch.func.vmap``
   (``execution=vmap``) or a Python loop over tasks (``execution=loop``); both compute the same
-  values and gradients. ``auto`` picks ``vmap`` on CUDA and ``loop`` on CPU, where the vmap'ed
+  values and gradients. Random layers (dropout, DropBlock) draw separately for each task under
+  ``vmap`` (``randomness="different"``), as in the loop. ``auto`` picks ``vmap`` on CUDA and ``loop`` on CPU, where the vmap'ed
   convolutions are slower than a loop (scripts/bench_algorithms.py measures both).
 * :func:`functional_norms`: swap every normalisation layer for a plain-tensor-op equivalent. Torch's
   vmap batching rules for the native ``batch_norm`` and ``layer_norm`` give wrong second-order
@@ -101,7 +102,7 @@ def run_tasks(make_fn: Callable, shared: Sequence, batched: Sequence, execution:
     fn = make_fn(batched_run)
     if batched_run:
         dims = (None,) * len(shared) + (0,) * len(batched)
-        return vmap(fn, in_dims=dims, randomness="same")(*shared, *batched)
+        return vmap(fn, in_dims=dims, randomness="different")(*shared, *batched)
     n = (next(iter(first.values())) if isinstance(first, dict) else first).shape[0]
     return _stack([fn(*shared, *[_index(b, t) for b in batched]) for t in range(n)])
 

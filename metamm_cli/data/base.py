@@ -83,6 +83,16 @@ class MultimodalDataset:
         lists answer without decoding the split."""
         return self.split(split).num_classes
 
+    def transform(self, split: str):
+        """What turns the gathered inputs of ``split`` into encoder inputs (attached to the
+        split as :attr:`SplitData.transform`, e.g. the image pipeline of
+        :mod:`metamm_cli.data.augment`); None: used as gathered."""
+        return None
+
+    def class_names(self, split: str) -> Optional[List[str]]:
+        """The names of ``split``'s classes in label order, for messages; None where unknown."""
+        return None
+
     def decode(self, modality: str, path: str) -> torch.Tensor:
         """One file -> the tensor of ``modality`` for one sample, with this dataset's
         preprocessing (shape and dtype as stored in its splits); used by fixed-episode evaluation."""
@@ -132,7 +142,7 @@ class MultimodalDataset:
                     more = f" (and {len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
                     raise ConfigError(f"dataset {self.name}: modality '{m}' of {len(bad)} samples of "
                                       f"the {split} split holds NaN or inf: {shown}{more}")
-        return replace(full, data=data, present=present)
+        return replace(full, data=data, present=present, transform=self.transform(split))
 
     # -- preprocessing state -----------------------------------------------------------------
     def state_dict(self) -> dict:

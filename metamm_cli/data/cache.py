@@ -62,6 +62,61 @@ def cached(name: str, files: Iterable[Path], settings: Dict[str, Any],
     return value
 
 
+def mapped(name: str, files: Iterable[Path], settings: Dict[str, Any],
+           build: Callable[[Callable[[tuple], Any]], Dict[str, Any]], folder: Optional[str] = None,
+           enabled: bool = True) -> Dict[str, Any]:
+    """As :func:`cached`, for a split too large for memory: ``build(alloc)`` fills the uint8
+    array ``alloc(shape)`` (a file in the cache folder, written as it decodes) and returns the
+    entry's other values plus ``"images"``: that array. The entry is two files,
+    ``<name>-<fingerprint>.u8`` (the raw array) and ``.pt`` (the rest, with its shape), both
+    renamed into place only once the build has finished: an interrupted or failed decode leaves
+    no entry. The array is memory-mapped copy-on-write (``np.memmap`` mode ``c``): pages are
+    read from disk as episodes touch them. Disabled: the array is built in memory."""
+    import numpy as np
+
+    if not enabled:
+        value = build(lambda shape: np.empty(shape, dtype=np.uint8))
+        return {**value, "images": torch.from_numpy(value["images"])}
+    base = cache_dir(folder) / f"{name}-{fingerprint(files, settings)}"
+    meta_path, raw_path = Path(f"{base}.pt"), Path(f"{base}.u8")
+    if meta_path.is_file() and raw_path.is_file():
+        try:
+            meta = torch.load(meta_path, weights_only=True)
+            shape = tuple(meta["shape"])
+            if raw_path.stat().st_size == int(np.prod(shape)):
+                images = np.memmap(raw_path, dtype=np.uint8, mode="c", shape=shape)
+                return {**meta, "images": torch.from_numpy(images)}
+            raise ValueError("size differs from its shape")
+        except Exception as e:  # noqa: BLE001 - a damaged entry is rebuilt, never fatal
+            log.warning(f"cache entry {raw_path} unreadable ({type(e).__name__}): rebuilding it")
+    tmp: list = []
+
+    def alloc(shape: tuple):
+        raw_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=raw_path.parent, prefix=raw_path.name, suffix=".tmp")
+        os.close(fd)
+        tmp.append(path)
+        return np.memmap(path, dtype=np.uint8, mode="w+", shape=shape)
+
+    try:
+        value = build(alloc)
+        images = value.pop("images")
+        images.flush()
+        shape = tuple(images.shape)
+        if store(meta_path.with_name(meta_path.name + ".next"), {**value, "shape": list(shape)}):
+            os.replace(tmp[0], raw_path)
+            os.replace(meta_path.with_name(meta_path.name + ".next"), meta_path)
+            tmp.clear()
+            images = np.memmap(raw_path, dtype=np.uint8, mode="c", shape=shape)
+        return {**value, "images": torch.from_numpy(np.asarray(images) if tmp else images)}
+    finally:
+        for path in tmp:  # failed: no entry (a still-mapped array stays readable until closed)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 def _reason(e: BaseException) -> str:
     """A short cause for a warning: the OS's words, else the exception's first line."""
     if isinstance(e, OSError) and e.strerror:

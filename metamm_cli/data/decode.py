@@ -135,10 +135,13 @@ def _to_8bit(img, name: str):
 
 
 def decode_image(source: Source, size: int | Tuple[int, int] | None = None, channels: int = 1,
-                 invert: bool = False, name: str | None = None) -> torch.Tensor:
+                 invert: bool = False, name: str | None = None,
+                 box: Tuple[float, float, float, float] | None = None) -> torch.Tensor:
     """An image file -> uint8 ``[channels, H, W]`` (``size``: an int for a square, ``(H, W)``,
     or None to keep the file's size); resized with Pillow's Lanczos filter (antialiased);
-    ``invert`` maps ``v -> 255 - v`` (Omniglot: dark strokes on white become bright strokes).
+    ``invert`` maps ``v -> 255 - v`` (Omniglot: dark strokes on white become bright strokes);
+    ``box`` ``(x, y, width, height)`` in pixels (CUB's ``bounding_boxes.txt``) crops the image to
+    it first (rounded outwards, clipped to the image; an empty box is refused).
 
     Pixels are read as a viewer shows them: EXIF orientation applied; 16-bit greyscale scaled
     to 8 bits (``round(v * 255 / 65535)``); palette images expanded; transparent pixels
@@ -160,6 +163,8 @@ def decode_image(source: Source, size: int | Tuple[int, int] | None = None, chan
                 except Exception:  # noqa: BLE001 - an unreadable EXIF block is ignored, as a viewer does
                     pass
             img = _to_8bit(img, name).convert("L" if channels == 1 else "RGB")
+            if box is not None:
+                img = _crop(img, box, name)
             if size is not None:
                 h, w = (size, size) if isinstance(size, int) else size
                 if img.size != (w, h):
@@ -173,6 +178,16 @@ def decode_image(source: Source, size: int | Tuple[int, int] | None = None, chan
         arr = 255 - arr
     x = torch.from_numpy(arr.copy())
     return x[None] if channels == 1 else x.permute(2, 0, 1).contiguous()
+
+
+def _crop(img, box, name: str):
+    x, y, w, h = (float(v) for v in box)
+    left, top = max(0, math.floor(x)), max(0, math.floor(y))
+    right, bottom = min(img.size[0], math.ceil(x + w)), min(img.size[1], math.ceil(y + h))
+    if right <= left or bottom <= top:
+        raise ConfigError(f"{name}: bounding box (x {x:g}, y {y:g}, width {w:g}, height {h:g}) holds no "
+                          f"pixel of the {img.size[0]}x{img.size[1]} image")
+    return img.crop((left, top, right, bottom))
 
 
 # -- WAV ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from metamm_cli.data.base import SPLITS, build_dataset
-from metamm_cli.data.episodes import EpisodeSampler
+from metamm_cli.data.episodes import build_sampler
 
 USAGE = ("usage: metamm data [dataset=NAME] [dataset.KEY=VALUE ...] [episode.way=N ...]\n"
          "Prints each split's classes, samples and modality presence, and checks that the\n"
@@ -27,5 +27,5 @@ def describe(cfg: DictConfig) -> None:
                          for i, m in enumerate(names))
         print(f"{split:<6} {d.num_classes:>8} {len(d.labels):>8} {int(counts.min()):>9}  "
               f"present: {share}")
-        EpisodeSampler(d, E.way, E.shot, E.query, 1, split_name=split)  # checks feasibility
+        build_sampler(cfg, dataset, split, "cpu", 1, 0)  # checks feasibility (eval.* for val/test)
     print(f"episodes: {E.way}-way {E.shot}-shot {E.query}-query fit every split")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,8 @@ class ModalitySpec:
     dtype: torch.dtype = torch.float32
     kind: str = "vector"  # image | audio | tokens | strokes | vector
     vocab: Optional[int] = None  # tokens only
+    level: str = "sample"  # sample | class: side information equal for every sample of a class,
+    # shown with the support set only (never in a query: it would give the label away)
 
 
 @dataclass
@@ -37,6 +39,13 @@ class SplitData:
     ``same_member``: one draw per task picks the same member (by rank in its group, classes in
     id order) for every class of the task (one rotation for the whole task); the groups must then
     have equally many members.
+
+    ``transform`` (optional): what turns gathered inputs into what the encoders see,
+    ``transform(inputs {m: [*lead, ...]}, lead, generator, full)`` (the dataset's, e.g. the image
+    pipeline of :mod:`metamm_cli.data.augment`: random augmentation from the sampler's generator
+    on the train split, a fixed resize and crop elsewhere, normalisation); :meth:`prepare`
+    applies it. ``data`` may stay on another device than ``labels`` (a memory-mapped split too
+    large for the GPU): the gather then reads it there and moves the rows.
     """
 
     data: Dict[str, torch.Tensor]
@@ -45,11 +54,26 @@ class SplitData:
     num_classes: int
     groups: Optional[torch.Tensor] = None
     same_member: bool = False
+    transform: Optional[Callable] = None
 
     def to(self, device) -> "SplitData":
-        return SplitData({m: x.to(device) for m, x in self.data.items()}, self.present.to(device),
-                         self.labels.to(device), self.num_classes,
-                         None if self.groups is None else self.groups.to(device), self.same_member)
+        return replace(self, data={m: x.to(device) for m, x in self.data.items()},
+                       present=self.present.to(device), labels=self.labels.to(device),
+                       groups=None if self.groups is None else self.groups.to(device))
+
+    def prepare(self, inputs: Dict[str, torch.Tensor], lead: int, generator: Optional[torch.Generator] = None,
+                full: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
+        """Gathered inputs ``{m: [*lead, ...]}`` through :attr:`transform` (unchanged without one)."""
+        return inputs if self.transform is None else self.transform(inputs, lead, generator, full)
+
+    def prepare_episode(self, support: Dict[str, torch.Tensor], query: Dict[str, torch.Tensor],
+                        generator: Optional[torch.Generator], full: Tuple[int, int]):
+        """An episode's support and query ``[T, n, ...]`` through :meth:`prepare` in one call."""
+        if self.transform is None:
+            return support, query
+        n = next(iter(support.values())).shape[1]
+        both = self.prepare({m: torch.cat([support[m], query[m]], 1) for m in support}, 2, generator, full)
+        return {m: x[:, :n] for m, x in both.items()}, {m: x[:, n:] for m, x in both.items()}
 
     @property
     def num_groups(self) -> int:
@@ -246,6 +270,7 @@ class EpisodeSampler:
         ``start:stop`` (a rank's share in distributed training)."""
         T, N, K, Q = tasks or self.tasks, self.way, self.shot, self.query
         g, device = self.generator, self.table.device
+        full = (T, part[0] if part is not None else 0)  # the whole meta-batch's augmentation draws
         classes = self.draw_classes(T)  # [T, N] distinct classes
         keys = torch.rand(T, N, self.table.shape[1], generator=g, device=device)
         keys = keys.masked_fill(self.pad[classes], 2.0)  # padding sorts last
@@ -270,11 +295,13 @@ class EpisodeSampler:
             T = idx.shape[0]
         s_idx, q_idx = idx[..., :K].reshape(T, N * K), idx[..., K:].reshape(T, N * Q)
         s_pre, q_pre = present[:, :, :K].reshape(T, N * K, -1), present[:, :, K:].reshape(T, N * Q, -1)
+        support, query = d.prepare_episode(gather_modalities(d.data, s_idx, s_pre if self.dropping else None),
+                                           gather_modalities(d.data, q_idx, q_pre if self.dropping else None), g, full)
         return Episode(
-            support=gather_modalities(d.data, s_idx, s_pre if self.dropping else None),
+            support=support,
             support_present=s_pre,
             support_labels=labels.repeat_interleave(K).expand(T, -1),
-            query=gather_modalities(d.data, q_idx, q_pre if self.dropping else None),
+            query=query,
             query_present=q_pre,
             query_labels=labels.repeat_interleave(Q).expand(T, -1),
             classes=classes,
@@ -320,7 +347,8 @@ def gather_modalities(data: Dict[str, torch.Tensor], idx: torch.Tensor,
     out = {}
     flat = idx.reshape(-1)
     for i, (m, x) in enumerate(data.items()):
-        y = x.index_select(0, flat).view(idx.shape + x.shape[1:])  # faster than x[idx] on CPU
+        y = x.index_select(0, flat.to(x.device)).to(flat.device)  # faster than x[idx] on CPU
+        y = y.view(idx.shape + x.shape[1:])
         if y.dtype == torch.uint8:
             y = y.float().div_(255)
         if present is not None:
@@ -364,7 +392,25 @@ def build_sampler(cfg, dataset, split: str, device, tasks: int, seed: int,
     if split == "train":
         training = {k: OmegaConf.select(cfg, f"missing.{k}", default=d)
                     for k, d in (("schedule", "fixed"), ("crossmodal", 0.0), ("warmup", 0))}
-    return EpisodeSampler(dataset.split(split, device), shape["way"], shape["shot"], shape["query"],
+    data = dataset.split(split, device)
+    check_classes_fit(dataset, data, split, shape["shot"] + shape["query"], keys)
+    return EpisodeSampler(data, shape["way"], shape["shot"], shape["query"],
                           tasks, seed=seed, split_name=split,
                           missing=missing_rates(cfg, split) if missing is None else missing, keys=keys,
                           **training)
+
+
+def check_classes_fit(dataset, data: SplitData, split: str, need: int, keys: Mapping[str, str]) -> None:
+    """A dataset that names its classes (the benchmarks: every class belongs to the protocol)
+    refuses a class with fewer samples than an episode needs, naming it, instead of the sampler's
+    skipping it."""
+    names = dataset.class_names(split)
+    if names is None:
+        return
+    counts = data.class_counts().cpu()
+    short = torch.nonzero(counts < need).flatten()
+    if len(short):
+        c = int(short[0])
+        more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
+        raise ConfigError(f"{keys['shot']}+{keys['query']}={need} is impossible: class {names[c]} of the "
+                          f"{split} split has {int(counts[c])} images{more}; lower them or complete the files")

@@ -36,24 +36,54 @@ class Conv4(nn.Module):
     average pooling, for images ``[C, H, W]``. ``pool=stride``: each block's convolution has
     stride 2 instead of a 2x2 max-pool (conv-BN-ReLU; Finn et al. 2017's and Nichol et al.
     2018's Omniglot networks, github cbfinn/maml ``--max_pool=False``), then the same average
-    over space; its feature maps are 14, 7, 4, 2 on 28x28 inputs (max-pool: 14, 7, 3, 1)."""
+    over space; its feature maps are 14, 7, 4, 2 on 28x28 inputs (max-pool: 14, 7, 3, 1).
+
+    ``readout=flatten``: the last feature map flattened instead of averaged, the embedding of the
+    ProtoNet, MAML and CloserLook papers on 84x84 images (64 channels x 5 x 5 = 1600-d); the last
+    block then has ``dim / (h * w)`` channels (``encoder.dim=1600`` at 84 px: 64)."""
 
     def __init__(self, spec: ModalitySpec, dim: int = 64, hidden: int = 64, depth: int = 4,
-                 pool: str = "max"):
+                 pool: str = "max", readout: str = "mean"):
         super().__init__()
         _need(spec, 3, "conv4")
         if pool not in ("max", "stride"):
             raise ConfigError(f"encoder.image.pool={pool}: must be max (2x2 max-pooling) or stride "
                               f"(stride-2 convolutions)")
+        check_readout(readout)
         depth = min(depth, int(math.log2(min(spec.shape[1:]))))
-        widths = [spec.shape[0]] + [hidden] * (depth - 1) + [dim]
-        self.pool = pool
+        shrink = (lambda s: s // 2) if pool == "max" else (lambda s: (s + 1) // 2)
+        h, w = spec.shape[1:]
+        for _ in range(depth):
+            h, w = shrink(h), shrink(w)
+        last = dim
+        if readout == "flatten":
+            if dim % (h * w):
+                raise ConfigError(f"encoder.dim={dim}: conv4 with readout=flatten ends on a {h}x{w} map at "
+                                  f"{spec.shape[1]}x{spec.shape[2]} px; encoder.dim must be a multiple of "
+                                  f"{h * w} (channels x {h} x {w}, e.g. {64 * h * w} for 64 channels)")
+            last = dim // (h * w)
+        widths = [spec.shape[0]] + [hidden] * (depth - 1) + [last]
+        self.pool, self.readout = pool, readout
         blocks = [_block(nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, a, b, 3) if pool == "max"
                   else _strided_block(a, b, 3) for a, b in zip(widths, widths[1:])]
         self.net = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).mean(dim=(-2, -1))
+        return read_out(self.net(x), self.readout)
+
+
+READOUTS = ("mean", "flatten")
+
+
+def check_readout(readout: str) -> None:
+    if readout not in READOUTS:
+        raise ConfigError(f"encoder.image.readout={readout}: must be mean (average over space) or "
+                          f"flatten (the last feature map flattened)")
+
+
+def read_out(x: torch.Tensor, readout: str) -> torch.Tensor:
+    """A feature map ``[B, C, h, w]`` -> ``[B, C]`` (``mean`` over space) or ``[B, C*h*w]``."""
+    return x.flatten(-3) if readout == "flatten" else x.mean(dim=(-2, -1))
 
 
 class Conv1d(nn.Module):

@@ -75,14 +75,16 @@ class MultimodalNet(nn.Module):
 
 
 def build_model(cfg: DictConfig, dataset: MultimodalDataset) -> MultimodalNet:
-    """Instantiate ``encoder.<modality>`` for each modality of the dataset, ``mapping`` (if
-    any), then ``fusion``."""
+    """Instantiate ``encoder.<modality>`` for each modality of the dataset (where there is none,
+    the encoder of its kind: ``encoder.vector`` for CUB's ``attributes``, ``encoder.tokens`` for
+    its ``text``), ``mapping`` (if any), then ``fusion``."""
     encoders = {}
     for m, spec in dataset.modalities.items():
-        if m not in cfg.encoder:
-            raise ConfigError(f"encoder.{m}: no encoder configured for modality '{m}' "
-                              f"(add encoder/{m}=NAME; configured: {[k for k in cfg.encoder if k != 'dim']})")
-        encoders[m] = instantiate_checked(cfg.encoder[m], f"encoder.{m}", spec=spec, dim=cfg.encoder.dim)
+        key = m if m in cfg.encoder else spec.kind
+        if key not in cfg.encoder or key in ("dim", "init"):
+            raise ConfigError(f"encoder.{m}: no encoder configured for modality '{m}' nor its kind '{spec.kind}' "
+                              f"(add encoder/{m}=NAME; configured: {[k for k in cfg.encoder if k not in ('dim', 'init')]})")
+        encoders[m] = instantiate_checked(cfg.encoder[key], f"encoder.{key}", spec=spec, dim=cfg.encoder.dim)
     mods = list(dataset.modalities)
     mapping_cfg = cfg.get("mapping")
     mapping = None
