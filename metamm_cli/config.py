@@ -89,10 +89,18 @@ def check_arguments(target: Any, values: Dict[str, Any], key: str) -> None:
     import typing
 
     try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target, include_extras=True)
         params = inspect.signature(target).parameters
-    except (TypeError, ValueError, NameError):
+    except (TypeError, ValueError):
         return
+    hints: Dict[str, Any] = {}  # a subclass that passes an argument on inherits its base's declaration
+    for owner in (target.__mro__ if inspect.isclass(target) else [target]):
+        try:
+            found = typing.get_type_hints(owner.__init__ if inspect.isclass(owner) else owner, include_extras=True)
+        except (TypeError, NameError, AttributeError):
+            continue
+        for name, hint in found.items():
+            if name not in hints or not declared_in(hints[name]):
+                hints[name] = hint
     for name, p in params.items():
         for declared in declared_in(hints.get(name)):
             value = values[name] if name in values else p.default

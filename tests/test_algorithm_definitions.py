@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamm_cli import ConfigError
+from metamm_cli.config import check_arguments
 from metamm_cli.algorithms.finetune import head_logits
 from metamm_cli.algorithms.functional import functional_norms
 from metamm_cli.algorithms.matching import matching_log_probs
@@ -143,7 +144,8 @@ def test_bad_options_are_refused(target, kwargs, needle):
         out_dim = 4
 
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")) as err:
-        Algo(Tiny(), 3, num_classes=10, **kwargs)
+        check_arguments(Algo, kwargs, "algorithm")  # the declared ranges and choices, as the CLI checks them
+        Algo(Tiny(), 3, num_classes=10, **kwargs)  # what the constructor checks itself
     assert "\n" not in str(err.value)
 
 

@@ -134,11 +134,13 @@ def classify_all(algo: MetaAlgorithm, episode):
 
 def minibatches(cfg, dataset, device, batch: int, tasks: int, seed: int, key: str):
     """Plain minibatches of ``batch`` training samples (:class:`metamm_cli.data.batches.BatchSampler`)."""
+    from omegaconf import OmegaConf
+
     from metamm_cli.data.batches import BatchSampler
     from metamm_cli.data.episodes import missing_rates
 
-    return BatchSampler(dataset.split("train", device), batch, tasks, seed,
-                        missing=missing_rates(cfg, "train"), key=key)
+    return BatchSampler(dataset.split("train", device), batch, tasks, seed, missing=missing_rates(cfg, "train"),
+                        key=key, warmup=OmegaConf.select(cfg, "missing.warmup", default=0))
 
 
 class Finetune(MetaAlgorithm):

@@ -16,29 +16,20 @@ from typing import Mapping, Optional, Tuple
 import torch
 
 from metamm_cli import ConfigError
-from metamm_cli.data.episodes import Episode, SplitData, drop_modalities, gather_modalities
+from metamm_cli.data.episodes import Episode, Sampler, SplitData, drop_modalities, gather_modalities
 
 
-class BatchSampler:
-    """See the module docstring; ``missing`` as :class:`EpisodeSampler`'s (modality dropout)."""
+class BatchSampler(Sampler):
+    """See the module docstring; ``missing`` and ``warmup`` as every :class:`Sampler`'s (modality dropout)."""
 
     def __init__(self, split: SplitData, batch: int, tasks: int, seed: int = 0, split_name: str = "train",
-                 missing: Optional[Mapping[str, float]] = None, key: str = "algorithm.batch_size"):
+                 missing: Optional[Mapping[str, float]] = None, key: str = "algorithm.batch_size", warmup: int = 0):
         n = len(split.labels)
         if batch < 1 or batch * tasks > n:
             raise ConfigError(f"{key}={batch} is out of range: {tasks} x {batch} samples per step, the "
                               f"{split_name} split has {n}")
-        self.split, self.batch, self.tasks, self.seed, self.split_name = split, batch, tasks, seed, split_name
-        device = split.labels.device
-        self.generator = torch.Generator(device=device)
-        names = list(split.data)
-        missing = dict(missing or {})
-        self.rates = torch.tensor([float(missing.get(m, 0.0)) for m in names], device=device)
-        self.dropping = bool((self.rates > 0).any())
-        self.reset()
-
-    def reset(self, seed: Optional[int] = None) -> None:
-        self.generator.manual_seed(self.seed if seed is None else seed)
+        super().__init__(split, seed, split_name, missing, warmup)
+        self.batch, self.tasks = batch, tasks
 
     def sample(self, tasks: Optional[int] = None, part: Optional[Tuple[int, int]] = None) -> Episode:
         T, B, d, g = tasks or self.tasks, self.batch, self.split, self.generator
@@ -47,7 +38,7 @@ class BatchSampler:
         present = d.present[rows]
         noise = torch.rand(T, B, 2 * len(self.rates), generator=g, device=device)
         if self.dropping:
-            present = drop_modalities(present, self.rates, noise)
+            present = drop_modalities(present, self.rates * self.scale, noise)
         full = (T, part[0] if part is not None else 0)
         if part is not None:
             rows, present = rows[part[0]:part[1]], present[part[0]:part[1]]

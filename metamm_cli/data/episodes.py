@@ -131,7 +131,43 @@ class Episode:
         return replace(self, **out)
 
 
-class EpisodeSampler:
+class Sampler:
+    """What every sampler of the trainer shares: a generator on the split's device (its state
+    goes into checkpoints), the missing-modality rates (``missing.train|test``, the key ``all``
+    for every modality not named) and their warm-up ramp (:meth:`at_step`)."""
+
+    def __init__(self, split: SplitData, seed: int, split_name: str,
+                 missing: Optional[Mapping[str, float]] = None, warmup: int = 0):
+        device = split.labels.device
+        self.split, self.seed, self.split_name = split, seed, split_name
+        self.generator = torch.Generator(device=device)
+        names = list(split.data)
+        phase = "train" if split_name == "train" else "test"
+        missing = dict(missing or {})
+        unknown = [m for m in missing if m not in names and m != "all"]
+        if unknown:
+            raise ConfigError(f"missing.{phase}.{unknown[0]}: not a modality of the dataset; choose among "
+                              f"{names} (or all: every modality)")
+        for m, p in missing.items():
+            if not 0 <= float(p) <= 1:
+                raise ConfigError(f"missing.{phase}.{m}={p}: a probability, must be in [0, 1]")
+        every = float(missing.get("all", 0.0))
+        self.missing = {m: float(missing.get(m, every)) for m in names}
+        self.rates = torch.tensor([self.missing[m] for m in names], device=device)
+        self.dropping = any(p > 0 for p in self.missing.values())
+        self.warmup, self.scale = int(warmup), 1.0
+        self.reset()
+
+    def reset(self, seed: Optional[int] = None) -> None:
+        self.generator.manual_seed(self.seed if seed is None else seed)
+
+    def at_step(self, step: int) -> None:
+        """Ramp the missing rates (and the cross-modal probability) from 0 at step 0 to theirs at
+        ``warmup`` (the trainer calls it before each step's draw)."""
+        self.scale = min(1.0, step / self.warmup) if self.warmup > 0 else 1.0
+
+
+class EpisodeSampler(Sampler):
     """Draws ``tasks`` N-way K-shot episodes at once with index arithmetic on the split's device.
 
     Classes with fewer than ``shot + query`` samples are never drawn (one warning counts them);
@@ -190,34 +226,15 @@ class EpisodeSampler:
         # table[c, j] = index of the j-th sample of class c (padding repeats a valid index)
         self.table = order[(starts[:, None] + torch.minimum(col[None], counts[:, None] - 1))]
         self.pad = col[None] >= counts[:, None]  # [C, max_n]
-        self.generator = torch.Generator(device=device)
-        self.seed = seed
+        super().__init__(split, seed, split_name, missing, warmup)
         names = list(split.data)
-        phase = "train" if split_name == "train" else "test"
-        missing = dict(missing or {})
-        unknown = [m for m in missing if m not in names and m != "all"]
-        if unknown:
-            raise ConfigError(f"missing.{phase}.{unknown[0]}: not a modality of the dataset; choose among "
-                              f"{names} (or all: every modality)")
-        for m, p in missing.items():
-            if not 0 <= float(p) <= 1:
-                raise ConfigError(f"missing.{phase}.{m}={p}: a probability, must be in [0, 1]")
-        every = float(missing.get("all", 0.0))
-        self.missing = {m: float(missing.get(m, every)) for m in names}
-        self.rates = torch.tensor([self.missing[m] for m in names], device=device)
         if schedule not in SCHEDULES:
             raise ConfigError(f"missing.schedule={schedule}: must be one of {', '.join(SCHEDULES)}")
         if crossmodal and len(names) < 2:
             raise ConfigError(f"missing.crossmodal={crossmodal}: cross-modal tasks need two or more "
                               f"modalities; the dataset has {names}")
-        self.schedule, self.crossmodal, self.warmup, self.scale = schedule, float(crossmodal), int(warmup), 1.0
-        self.dropping = any(p > 0 for p in self.missing.values()) or self.crossmodal > 0
-        self.reset()
-
-    def at_step(self, step: int) -> None:
-        """Ramp the missing rates and the cross-modal probability from 0 at step 0 to theirs at
-        ``warmup`` (the trainer calls it before each step's draw)."""
-        self.scale = min(1.0, step / self.warmup) if self.warmup > 0 else 1.0
+        self.schedule, self.crossmodal = schedule, float(crossmodal)
+        self.dropping = self.dropping or self.crossmodal > 0
 
     def _group_tables(self, split: SplitData, drawable: torch.Tensor, way: int, way_key: str) -> None:
         """``members[g, j]``: the j-th drawable class of group ``g`` (class id order; padding
@@ -246,9 +263,6 @@ class EpisodeSampler:
                 raise ConfigError(f"the {self.split_name} split's groups have {int(kept.min())} to "
                                   f"{int(kept.max())} drawable members: one member for the whole task "
                                   f"needs equally many in every group")
-
-    def reset(self, seed: Optional[int] = None) -> None:
-        self.generator.manual_seed(self.seed if seed is None else seed)
 
     def draw_classes(self, T: int) -> torch.Tensor:
         """``[T, N]`` distinct split classes per task (with groups: of distinct groups)."""
