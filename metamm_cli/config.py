@@ -239,6 +239,7 @@ class PresetConfig:
     name: str = ""
     datasets: Optional[List[str]] = None
     paper: Optional[Dict[str, Any]] = None  # the reported result: {accuracy: 98.8, source: "..."}
+    toy: Optional[Dict[str, Any]] = None  # +scale=toy's budget: {steps, meta_batch, val_episodes, test_episodes}
 
 
 @dataclass
