@@ -28,3 +28,23 @@ def test_readme_is_short_and_links_to_every_page():
     assert pages - {"index.md"} <= linked, sorted(pages - {"index.md"} - linked)
     for page in linked:
         assert (REPO / "docs" / page).is_file(), page
+
+
+def test_the_extending_example_is_one_file_plus_one_yaml(tmp_path):
+    """docs/extending.md's algorithm, as a user would add it: its module on the path, its YAML in
+    a --config-dir, and nothing else; it trains, with a presence-aware fusion too."""
+    from conftest import SMOKE, run_metamm
+
+    text = (REPO / "docs" / "extending.md").read_text()
+    code = re.search(r"```python\n# metamm_cli/algorithms/nearest.py\n(.*?)```", text, re.S).group(1)
+    yaml_text = re.search(r"```yaml\n(# Nearest support sample.*?)```", text, re.S).group(1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "nearest.py").write_text(code)
+    (tmp_path / "conf" / "algorithm").mkdir(parents=True)
+    (tmp_path / "conf" / "algorithm" / "nearest.yaml").write_text(
+        yaml_text.replace("metamm_cli.algorithms.nearest.Nearest", "nearest.Nearest"))
+    env = {"PYTHONPATH": str(tmp_path / "mine")}
+    for extra in ([], ["+recipe=robust", "fusion.cross=true"]):
+        proc = run_metamm(["train", "--config-dir", str(tmp_path / "conf"), *SMOKE, "algorithm=nearest",
+                           "trainer.max_steps=2", "trainer.tensorboard=false", *extra], tmp_path, env=env)
+        assert "final validation accuracy" in proc.stdout
