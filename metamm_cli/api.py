@@ -413,6 +413,9 @@ class MAML(FewShot):
         if dim is not None:
             super().__init__("maml", model, way, dim, **settings)
             return
+        if settings.get("head", "learned") != "learned":
+            raise ConfigError(f"head={settings['head']}: a head of MAML's own needs dim=D and way=N; without "
+                              f"dim, the model's outputs are the logits")
         super().__init__("maml", model, 1, 1, **settings)  # a placeholder head, replaced:
         self.algorithm.net.head = nn.Identity()  # the model's outputs are the logits
         self.own_logits = True

@@ -90,6 +90,13 @@ def test_train_a_config_object_as_it_is(tmp_path):
     assert info["choices"] == {} and info["overrides"][0] == "seed=2"
 
 
+def test_train_resumes_a_run_in_its_folder(tmp_path):
+    first = api.train(*SHORT, output_root=tmp_path)
+    more = api.train(*SMOKE, "trainer.max_steps=4", f"trainer.resume={first.run_dir}", output_root=tmp_path)
+    assert more.run_dir == first.run_dir and more.metrics["step"] == 4
+    assert len(json.loads((first.run_dir / layout.RUN_INFO).read_text())["resumes"]) == 1
+
+
 def test_a_failed_start_raises_one_line_and_leaves_no_folder(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^episode.way=100 is impossible"):
         api.train(*SMOKE, "episode.way=100", output_root=tmp_path / "out")
@@ -108,6 +115,7 @@ def test_a_failed_start_raises_one_line_and_leaves_no_folder(tmp_path, capsys):
     (lambda: api.ProtoNet(nn.Identity(), distance="l3"), "algorithm.distance=l3: must be one of"),
     (lambda: api.FewShot("relation", nn.Identity()), "dim: this algorithm builds layers"),
     (lambda: api.FewShot("maml", nn.Identity(), dim=4), "way: algorithm maml builds a layer per class"),
+    (lambda: api.MAML(nn.Identity(), head="zero"), "head=zero: a head of MAML's own needs dim=D"),
     (lambda: api.ProtoNet(nn.Identity())(torch.randn(4, 3), torch.tensor([0, 0, 2, 2]), torch.randn(2, 3)),
      "support_labels: class ids must be 0..N-1"),
     (lambda: api.ProtoNet(nn.Identity())(torch.randn(3, 3), torch.tensor([0, 0, 1, 1]), torch.randn(2, 3)),
