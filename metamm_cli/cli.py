@@ -43,9 +43,7 @@ def cmd_train(argv: List[str]) -> int:
 
 
 def cmd_eval(argv: List[str]) -> int:
-    from pathlib import Path
-
-    from metamm_cli.evaluate import EVAL_USAGE, eval_task, parse_eval_args
+    from metamm_cli.evaluate import EVAL_USAGE, app_overrides, eval_task, parse_eval_args
     from metamm_cli.runs import layout
     from metamm_cli.runs.checkpoint import load_checkpoint
 
@@ -55,11 +53,8 @@ def cmd_eval(argv: List[str]) -> int:
     overrides, ckpt = parse_eval_args(argv)
     # Load once, here: a bad file fails before Hydra makes an output folder.
     state = load_checkpoint(ckpt, prefer=layout.BEST) if ckpt != "null" else None
-    # Hydra's grammar would read characters such as '=' or ',' in a path: quote it.
-    quoted = "'" + ckpt.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in layout.run_name(Path(ckpt)))
-    where = [f"hydra.run.dir=${{output_root}}/evals/${{now:%Y-%m-%d_%H-%M-%S_%f}}_{name}"] if state else []
-    app.hydra_app("eval", lambda cfg: eval_task(cfg, state), overrides + [f"+ckpt={quoted}"] + where, "metamm eval")
+    app.hydra_app("eval", lambda cfg: eval_task(cfg, state).get("accuracy"), overrides + app_overrides(ckpt, state),
+                  "metamm eval")
     return 0
 
 

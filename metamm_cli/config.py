@@ -6,10 +6,11 @@ ranges that OmegaConf cannot express are checked by :func:`check_ranges`.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -352,11 +353,13 @@ def config_dir() -> str:
     raise ConfigError(f"metamm's configs/ not found next to {here}; reinstall metamm")
 
 
-def compose(overrides: Sequence[str] = (), name: str = "train") -> DictConfig:
-    """The config ``name`` (``train``, ``eval``) composed with ``overrides`` as the CLI composes
-    it, in-process and without a run folder. Hydra's global state is saved and restored around
-    it, so it works any number of times in one process and inside a running Hydra app."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+@contextlib.contextmanager
+def initialized() -> Iterator[Any]:
+    """Hydra set up on metamm's configs for the block, which gets Hydra's ``Hydra`` object (to
+    compose, or to run a job in-process). Hydra's global state is saved before and restored
+    after, so the block works any number of times in one process and inside a running Hydra
+    app (hydra #440)."""
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
@@ -365,9 +368,18 @@ def compose(overrides: Sequence[str] = (), name: str = "train") -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return hydra_compose(name, overrides=list(overrides))
+            yield GlobalHydra.instance().hydra
     finally:
         restore_gh_from_backup(backup)
+
+
+def compose(overrides: Sequence[str] = (), name: str = "train") -> DictConfig:
+    """The config ``name`` (``train``, ``eval``) composed with ``overrides`` as the CLI composes
+    it, in-process and without a run folder (:func:`initialized`: any number of times)."""
+    from hydra import compose as hydra_compose
+
+    with initialized():
+        return hydra_compose(name, overrides=list(overrides))
 
 
 INFO_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resolve")  # print, run nothing

@@ -17,7 +17,7 @@ from metamm_cli.errors import is_oom
 from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm, load_weights
 from metamm_cli.runs.checkpoint import load_checkpoint
 from metamm_cli.config import TrainConfig, check_ranges
-from metamm_cli.data.base import build_dataset, describe_changes
+from metamm_cli.data.base import MultimodalDataset, build_dataset, describe_changes
 from metamm_cli.data.episodes import EpisodeSampler, build_sampler
 from metamm_cli.device import autocast_for, enum_name, resolve_device, set_threads
 from metamm_cli.runs import layout
@@ -156,7 +156,7 @@ def setting(cfg: DictConfig) -> str:
 
 
 NEUTRAL_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "eval.tasks_per_batch",
-                "eval.missing_sweep", "eval.missing_each", "ckpt", "hydra")  # they do not change what is measured
+                "eval.missing_sweep", "eval.missing_each", "ckpt", "hydra", "output_root")  # they do not change what is measured
 
 
 def to_tensorboard(report: Dict, overrides: list) -> None:
@@ -183,13 +183,11 @@ def to_tensorboard(report: Dict, overrides: list) -> None:
                 writer.add_scalar(f"test/missing/{m}", p["accuracy"], round(100 * p["rate"]))
 
 
-def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
-                        state: Optional[Dict] = None, filename: str = layout.eval_file(), quiet: bool = False) -> Dict:
-    """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes,
-    write the report to ``out_dir / filename`` (and, for the run's own test setting, into its
-    TensorBoard). ``state`` is the already-loaded checkpoint, if the caller has it; ``quiet``:
-    the caller prints the result."""
-    state = state or load_checkpoint(cfg.ckpt, prefer=layout.BEST)
+def rebuild(cfg: DictConfig, overrides: list, state: Dict) -> Tuple[DictConfig, MultimodalDataset, MetaAlgorithm, torch.device]:
+    """A checkpoint's model and data as `metamm eval` rebuilds them: (its config with the keys in
+    ``overrides`` taken from ``cfg`` (:func:`apply_overrides`), checked; the dataset with the
+    preprocessing it learned; the algorithm with its weights, on the config's device; the device).
+    Weights or data that do not fit are one line naming the checkpoint."""
     if "config" not in state or "model" not in state:
         raise ConfigError(f"--ckpt {state['path']}: checkpoint lacks its config or weights")
     from metamm_cli.runs.checkpoint import non_finite
@@ -216,6 +214,17 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
     else:
         algo = build_algorithm(run_cfg, dataset, way=state["config"]["episode"]["way"]).to(device)
         load_weights(algo, state["model"], f"--ckpt {state['path']}")
+    return run_cfg, dataset, algo, device
+
+
+def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
+                        state: Optional[Dict] = None, filename: str = layout.eval_file(), quiet: bool = False) -> Dict:
+    """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes,
+    write the report to ``out_dir / filename`` (and, for the run's own test setting, into its
+    TensorBoard). ``state`` is the already-loaded checkpoint, if the caller has it; ``quiet``:
+    the caller prints the result."""
+    state = state or load_checkpoint(cfg.ckpt, prefer=layout.BEST)
+    run_cfg, dataset, algo, device = rebuild(cfg, overrides, state)
     V = run_cfg.eval
     split = enum_name(V.split)
     if enum_name(V.task) == "retrieval":  # cross-modal retrieval instead of episodes
@@ -295,11 +304,21 @@ def parse_eval_args(argv: List[str]) -> Tuple[List[str], Optional[str]]:
     return out, ckpt
 
 
-def eval_task(cfg: DictConfig, state: Optional[Dict] = None) -> Optional[float]:
-    """`metamm eval` inside its Hydra app: the report into the app's output folder."""
+def app_overrides(ckpt: str, state: Optional[Dict]) -> List[str]:
+    """What `metamm eval` adds to the user's overrides: ``+ckpt=PATH`` (quoted: Hydra's grammar
+    would read characters such as '=' or ',' in a path) and, for a loaded checkpoint, the
+    output folder ``${output_root}/evals/<time>_<run>``."""
+    quoted = "'" + ckpt.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in layout.run_name(Path(ckpt)))
+    where = [f"hydra.run.dir=${{output_root}}/evals/${{now:%Y-%m-%d_%H-%M-%S_%f}}_{name}"] if state else []
+    return [f"+ckpt={quoted}"] + where
+
+
+def eval_task(cfg: DictConfig, state: Optional[Dict] = None) -> Dict:
+    """`metamm eval` inside its Hydra app: the report, written into the app's output folder."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     if state is None and cfg.get("ckpt"):
         state = load_checkpoint(cfg.ckpt, prefer=layout.BEST)
-    return evaluate_checkpoint(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir), state).get("accuracy")
+    return evaluate_checkpoint(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir), state)

@@ -96,12 +96,18 @@ class MAML(MetaAlgorithm):
         return self.inner_steps if self.training else self.inner_steps_eval
 
     # -- the per-task program ------------------------------------------------------------------
+    def adapt(self, fast: Params, shared: Params, lrs: Params, sx, sp, sy, steps: int,
+              functional: bool = True) -> Params:
+        """One task's inner loop: ``fast`` after ``steps`` SGD steps on the support loss of
+        ``self.net`` with ``shared`` held (differentiable w.r.t. ``fast`` unless ``first_order``)."""
+        def support_loss(p):
+            return F.cross_entropy(upcast(functional_call(self.net, {**shared, **p}, (sx, sp))), sy)
+        return sgd_adapt(support_loss, fast, lrs or self.inner_lr, steps, self.first_order, functional)
+
     def task_fn(self, steps: int, functional: bool = True):
         """``(fast, shared, lrs, sx, sp, sy, qx, qp, qy) -> (query loss, query logits)`` for one task."""
         def task(fast, shared, lrs, sx, sp, sy, qx, qp, qy):
-            def support_loss(p):
-                return F.cross_entropy(upcast(functional_call(self.net, {**shared, **p}, (sx, sp))), sy)
-            fast = sgd_adapt(support_loss, fast, lrs or self.inner_lr, steps, self.first_order, functional)
+            fast = self.adapt(fast, shared, lrs, sx, sp, sy, steps, functional)
             logits = upcast(functional_call(self.net, {**shared, **fast}, (qx, qp)))
             return F.cross_entropy(logits, qy), logits
         return task
