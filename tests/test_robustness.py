@@ -68,3 +68,24 @@ def test_the_recipe_trains_at_toy_scale(args, tmp_path):
     metrics = json.loads((next(tmp_path.glob("outputs/smoke/runs/*")) / "metrics.json").read_text())
     assert metrics["step"] == 4 and 0 <= metrics["val_acc"] <= 100
     assert "final validation accuracy" in proc.stdout
+
+
+@pytest.mark.parametrize("preset", ["omniglot_strokes_robust_5w1s", "avdigits_robust_5w1s"])
+def test_the_recipe_preset_of_each_multimodal_benchmark_trains(preset, tmp_path):
+    """The robust preset of each real two-modality set, at toy scale, evaluated with every
+    modality missing at 0.5 (and a query and class left with nothing shared go across)."""
+    from tests.test_datasets_real import DATA, FSDD, MNIST, OMNI
+
+    if preset.startswith("omniglot") and not (OMNI / "strokes_background_small1.zip").is_file():
+        pytest.skip(f"Omniglot stroke zips absent from {OMNI} (set METAMM_DATA)")
+    if preset.startswith("avdigits") and (not (MNIST / "train-images-idx3-ubyte.gz").is_file() or not FSDD.is_dir()):
+        pytest.skip(f"MNIST or FSDD absent from {DATA} (set METAMM_DATA)")
+    root = OMNI if preset.startswith("omniglot") else DATA
+    proc = run_metamm(["train", f"+exp={preset}", f"dataset.root={root}", "episode.way=3", "episode.query=2",
+                       "encoder.dim=8", "encoder.image.hidden=8", "trainer.meta_batch=2", *FAST,
+                       "trainer.progress=false", "missing.test.all=0.5", "missing.warmup=2"], tmp_path)
+    run = next(tmp_path.glob(f"outputs/{preset}/runs/*"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["recipe"]["name"] == "robust" and cfg["fusion"]["_target_"].endswith("Presence")
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4
+    assert "final validation accuracy" in proc.stdout
