@@ -160,10 +160,10 @@ NEUTRAL_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "eval.t
 
 
 def to_tensorboard(report: Dict, overrides: list) -> None:
-    """An evaluation of a run's own test setting goes into that run's TensorBoard: ``test/acc``,
-    ``hparam/test_acc`` (the hparams table's column) and the missing-modality curves
-    ``test/missing/<modality>`` (x: rate in %), at the run's last step."""
-    from metamm_cli.runs.record import read_json, tb_folder
+    """An evaluation of a run's own test setting goes into that run's TensorBoard: ``acc/test``
+    (beside acc/train and acc/val; the hparams table's test column) and the missing-modality
+    curves ``test/missing/<modality>`` (x: rate in %), at the run's last step."""
+    from metamm_cli.runs.record import TEST_ACC, TEST_CI95, read_json, tb_folder
     from metamm_cli.runs.resume import run_dir_of
 
     run = run_dir_of(Path(report["ckpt"]))
@@ -175,9 +175,8 @@ def to_tensorboard(report: Dict, overrides: list) -> None:
 
     step = read_json(run / layout.METRICS).get("step") or report.get("step") or 0
     with SummaryWriter(str(tb_folder(run))) as writer:
-        writer.add_scalar("test/acc", report["accuracy"], step)
-        writer.add_scalar("test/acc_ci95", report["ci95"], step)
-        writer.add_scalar("hparam/test_acc", report["accuracy"], step)
+        writer.add_scalar(TEST_ACC, report["accuracy"], step)
+        writer.add_scalar(TEST_CI95, report["ci95"], step)
         for m, points in (report.get("missing_sweep") or {}).items():
             for p in points:
                 writer.add_scalar(f"test/missing/{m}", p["accuracy"], round(100 * p["rate"]))

@@ -29,7 +29,8 @@ from metamm_cli.evaluate import evaluate, per_second
 from metamm_cli.scale.launch import job_share, sweep_job
 from metamm_cli.runs.pretrained import load_body
 from metamm_cli.optim import make_optimizer, make_scheduler
-from metamm_cli.runs.record import finite_json, hparams, open_folder, profiler, tensorboard, write_metrics
+from metamm_cli.runs.record import (TAGS, VAL_ACC, VAL_CI95, Throughput, finite_json, hparams, open_folder, profiler,
+                                    shown_hparams, tensorboard, write_hparams, write_metrics)
 from metamm_cli.runs.resume import continue_job, finished, holds_a_run, hydra_quote, merge_resume, resume_command, resume_state
 from metamm_cli.runs.state import Diverged, Run, RunState, restore
 from metamm_cli.scale.search import Pruned, reporter
@@ -66,7 +67,7 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     check_ranges(cfg)
     T, E = cfg.trainer, cfg.episode
     w = world()
-    share, job = job_share() if not w.distributed else (local_share(), w.local_rank)  # CPUs, GPU
+    share, job = job_share(T.deterministic) if not w.distributed else (local_share(), w.local_rank)  # CPUs, GPU
     device = resolve_device(T.device, job)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -105,6 +106,7 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
               val_tasks, autocast_for(device, T.amp), state, dataset=dataset, world=w)
     if ckpt is not None:
         restore(run, ckpt, changes)
+    run.throughput = Throughput(run.state.step)  # episodes/s after this process's warm-up steps
     run.trial = reporter(cfg)
     if w.main:  # rank 0 writes the run folder; the others only train
         open_folder(run, overrides, changes, resumed=ckpt is not None)
@@ -203,7 +205,7 @@ def log_train(run: Run) -> None:
     writer = tensorboard(run)
     if writer:
         for k, v in run.last.items():
-            writer.add_scalar(k, v, run.state.step)
+            writer.add_scalar(TAGS.get(k, k), v, run.state.step)
 
 
 def validate(run: Run) -> Dict[str, float]:
@@ -214,8 +216,8 @@ def validate(run: Run) -> Dict[str, float]:
                                   "time_s": round(S.wall, 3)}))  # seconds since the run started
     writer = tensorboard(run)
     if writer:
-        writer.add_scalar("val/acc", val["accuracy"], S.step)
-        writer.add_scalar("val/acc_ci95", val["ci95"], S.step)
+        writer.add_scalar(VAL_ACC, val["accuracy"], S.step)
+        writer.add_scalar(VAL_CI95, val["ci95"], S.step)
     last = run.last
     log.info(f"step {S.step}: val acc {val['accuracy']:.2f} +- {val['ci95']:.2f}"
              + (f" | train loss {last['train/loss']:.3f} acc {last['train/acc']:.1f}"
@@ -247,7 +249,9 @@ def periodic(run: Run, stopping: bool, tick: float) -> None:
     due[2] = due[2] or stopping
     if any(due) and run.device.type == "cuda":
         torch.cuda.synchronize()  # only at event points: the time below is honest
-    run.timed(time.perf_counter() - tick)
+    seconds = time.perf_counter() - tick
+    run.timed(seconds)
+    run.throughput.add(step, T.meta_batch, seconds)
     if any(due):
         check_divergence(run)
     if due[0]:
@@ -362,11 +366,11 @@ def finish(run: Run) -> Dict[str, Any]:
     if run.early_stopped:
         extra["early_stopped"] = run.early_stopped
     metrics = write_metrics(run, val, **extra)
-    if tensorboard(run):  # one hparams table for a sweep: readable values, validation and test
-        nan = float("nan")
-        run.writer.add_hparams(hparams(run.stored_config(), (run.identity or {}).get("choices", {})),
-                               {"hparam/val_acc": metrics["val_acc"] or nan, "hparam/best_val_acc": metrics["best_val_acc"] or nan,
-                                "hparam/test_acc": test["accuracy"] if test else nan}, run_name=".", global_step=S.step)
+    if tensorboard(run):  # one hparams table for a sweep: what differs, readable, beside acc/val and acc/test
+        identity = run.identity or {}
+        values = hparams(run.stored_config(), identity.get("choices", {}))
+        write_hparams(run.writer, values, shown_hparams(values, identity.get("compared"), identity.get("choices", {})),
+                      S.step)
     print(f"run directory: {run.run_dir}")
     print(f"final validation accuracy: {val['accuracy']:.2f} +- {val['ci95']:.2f} "
           f"(95% CI, {val['episodes']} episodes, step {S.step})")

@@ -1,6 +1,6 @@
 """What a run folder records besides checkpoints: ``config.yaml``, ``run.json`` (versions,
 device, git commit, overrides, one entry per resume), ``metrics.json`` (always valid JSON), the
-TensorBoard writer; and the JSON helpers they share."""
+TensorBoard writer and its hparams table; and the JSON helpers they share."""
 from __future__ import annotations
 
 import json
@@ -62,12 +62,68 @@ def hparams(config: Dict, choices: Dict[str, str]) -> Dict[str, Any]:
 HPARAM_SKIP = {"output_root", "task_name", "preset", "search", "trainer.resume", "trainer.progress",
                "trainer.tensorboard", "trainer.test"}
 
+# TensorBoard tags are "<metric>/<split>": its time series dashboard groups cards by the part
+# before '/' and sorts the groups by name, so accuracy comes first, train, val and test side by
+# side (acc, acc_ci95, loss, speed, test/missing). The hparams table's metrics are the last
+# acc/val and acc/test of each run.
+TAGS = {"train/acc": "acc/train", "train/loss": "loss/train", "episodes_per_s": "speed/episodes_per_s"}
+VAL_ACC, VAL_CI95, TEST_ACC, TEST_CI95 = "acc/val", "acc_ci95/val", "acc/test", "acc_ci95/test"
+HPARAM_METRICS = (VAL_ACC, TEST_ACC)
+NOT_COMPARED = HPARAM_SKIP | {"sweep", "search.trial"}  # overrides that name no setting
+SHOWN_WITHOUT_OVERRIDES = ("algorithm", "dataset", "fusion")  # a run with no overrides: what it is
+
+
+def override_key(override: str) -> str:
+    """``+exp=smoke`` -> ``exp``; ``fusion@x=attention`` -> ``fusion``; ``~trainer.lr`` -> ``trainer.lr``."""
+    return override.split("=", 1)[0].lstrip("~+").split("@", 1)[0]
+
+
+def compared(key: str) -> bool:
+    """Whether an override key names a setting (not ``hydra.*``, ``trainer.resume``, ...)."""
+    dotted = key.replace("/", ".")
+    return not (dotted in NOT_COMPARED or dotted.split(".")[0] in NOT_COMPARED or dotted.split(".")[0] == "hydra")
+
+
+def swept_keys(overrides: List[str], params: Optional[Dict] = None) -> List[str]:
+    """The keys a sweep varies: its sweeper's ``params`` and its command-line overrides that are
+    sweeps (``fusion=concat,attention``, ``seed=range(3)``, ``trainer.lr=interval(...)``), in
+    order, each once; bookkeeping keys left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, keys = OverridesParser.create(), []
+    for line in [f"{k}={v}" for k, v in (params or {}).items()] + list(overrides):
+        try:
+            sweep = parser.parse_override(line).is_sweep_override()
+        except Exception:  # noqa: BLE001 - Hydra refused it before the job started; not a sweep here
+            sweep = False
+        key = override_key(line)
+        if sweep and compared(key) and key not in keys:
+            keys.append(key)
+    return keys
+
+
+def sweep_overrides(output_dir: Path) -> Optional[List[str]]:
+    """The command-line overrides of the sweep a job belongs to, from the ``multirun.yaml`` that
+    Hydra's sweepers write into the sweep folder before any job starts (a job's own
+    ``hydra.overrides.task`` holds its values, not the sweep's); None where none is found."""
+    from metamm_cli.runs.reader import read_yaml
+
+    for folder in list(Path(output_dir).parents)[:3]:
+        if (folder / "multirun.yaml").is_file():
+            cfg = read_yaml(folder / "multirun.yaml") or {}
+            task = ((cfg.get("hydra") or {}).get("overrides") or {}).get("task")
+            return [str(o) for o in task] if isinstance(task, list) else None
+    return None
+
 
 def job_identity(task_name: str) -> Dict[str, Any]:
-    """This job's Hydra group choices and its name for TensorBoard: the overrides that make it
-    (``fusion=attention,seed=1``), or its task name; {} outside Hydra."""
+    """This job's Hydra group choices, the override keys its hparams table shows (``compared``:
+    a sweep's swept keys; a single run's command-line overrides) and its TensorBoard name: a
+    sweep job's swept values (``fusion=attention,seed=1``), a single run's overrides or its task
+    name; {} outside Hydra."""
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         hc = HydraConfig.get()
     except (ImportError, ValueError):
@@ -75,8 +131,54 @@ def job_identity(task_name: str) -> Dict[str, Any]:
     choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra")}
     from metamm_cli.config import job_dirname
 
-    name = hc.job.override_dirname or task_name
-    return {"choices": choices, "tb": job_dirname(name.replace("/", "_"))}
+    task = [str(o) for o in hc.overrides.task]
+    keys: List[str] = []
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = sweep_overrides(Path(hc.runtime.output_dir))
+        params = hc.sweeper.get("params")
+        keys = swept_keys(sweep if sweep is not None else task,
+                          OmegaConf.to_container(params) if OmegaConf.is_config(params) else params)
+    mine = sorted(o.lstrip("+") for o in task if "=" in o and override_key(o) in keys)
+    if mine:
+        name = ",".join(mine)
+    else:  # a single run, or a sweep of one job: its own overrides
+        keys = [override_key(o) for o in task if "=" in o and compared(override_key(o))]
+        name = hc.job.override_dirname or task_name
+    return {"choices": choices, "compared": list(dict.fromkeys(keys)), "tb": job_dirname(name.replace("/", "_"))}
+
+
+def shown_hparams(values: Dict[str, Any], keys: Optional[List[str]], choices: Dict[str, str]) -> Dict[str, Any]:
+    """The hparams table's columns: of :func:`hparams`' ``values``, those of the override
+    ``keys`` (a config group by its option, any other key with the keys beneath it), else the
+    algorithm, dataset and fusion."""
+    out = {}
+    for key in keys or []:
+        dotted = key.replace("/", ".")
+        group = key in choices
+        out.update({k: v for k, v in values.items() if k == dotted or not group and k.startswith(dotted + ".")})
+    return out or {k: values[k] for k in SHOWN_WITHOUT_OVERRIDES if k in values}
+
+
+def write_hparams(writer, values: Dict[str, Any], shown: Dict[str, Any], step: int) -> None:
+    """One hparams table for a sweep: every run declares the same columns, the keys ``shown``
+    (what differs, marked so: TensorBoard ticks the first five of those it is told differ), and
+    the metrics acc/val and acc/test, read from the run's own scalars (no extra cards); the
+    session itself records all of ``values``. Written into the run's event file."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams as summaries
+
+    _, start, end = summaries(values, dict.fromkeys(HPARAM_METRICS, 0.0))
+    kind = lambda v: api_pb2.DATA_TYPE_STRING if isinstance(v, str) else api_pb2.DATA_TYPE_FLOAT64  # noqa: E731
+    experiment = api_pb2.Experiment(
+        hparam_infos=[api_pb2.HParamInfo(name=k, type=kind(v), differs=True) for k, v in shown.items()],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t), display_name=t) for t in HPARAM_METRICS])
+    content = plugin_data_pb2.HParamsPluginData(experiment=experiment, version=metadata.PLUGIN_DATA_VERSION)
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                                                  content=content.SerializeToString()))
+    for summary in (Summary(value=[Summary.Value(tag=metadata.EXPERIMENT_TAG, metadata=meta)]), start, end):
+        writer.file_writer.add_summary(summary, step)
+    writer.flush()
 
 
 def _git(where: Path, *args: str) -> Optional[str]:
@@ -121,7 +223,8 @@ def open_folder(run, overrides: List[str], changes: List[str], resumed: bool) ->
     clean_orphans(run.ckpt_dir)
     write_atomic(run.run_dir / layout.CONFIG, lambda f: f.write(OmegaConf.to_yaml(run.stored_config()).encode()))
     first = read_json(run.run_dir / layout.RUN_INFO) if resumed else {}
-    identity = {k: first[k] for k in ("choices", "tb") if k in first} if first else job_identity(run.cfg.task_name)
+    identity = ({k: first[k] for k in ("choices", "compared", "tb") if k in first} if first
+                else job_identity(run.cfg.task_name))
     record_run(run.run_dir, overrides, run.device, run.state.step if resumed else None, changes, identity)
     run.identity = identity
     run.purge_step = run.state.step + 1 if resumed else None
@@ -170,15 +273,43 @@ def read_json(path: Path) -> Dict:
     return value if isinstance(value, dict) else {}
 
 
+WARMUP_STEPS = 2  # a process's first steps: first forward passes, allocator, autotuning, compilation
+
+
+class Throughput:
+    """Steady-state training speed, ``episodes_per_s``: the episodes and seconds of this
+    process's training steps after its first :data:`WARMUP_STEPS` (validation, checkpoints
+    and start-up are never timed), so that jobs of a sweep compare by what they compute, not by
+    which one ran first. None until a step after the warm-up."""
+
+    def __init__(self, first_step: int, warmup: int = WARMUP_STEPS):
+        self.counted_from = first_step + warmup  # steps after this one count
+        self.episodes, self.seconds, self.steps = 0, 0.0, 0
+
+    def add(self, step: int, episodes: int, seconds: float) -> None:
+        """One training step (``step``: its number, 1-based) of ``episodes`` tasks, ``seconds`` long."""
+        if step > self.counted_from:
+            self.episodes, self.seconds, self.steps = self.episodes + episodes, self.seconds + seconds, self.steps + 1
+
+    @property
+    def per_second(self) -> Optional[float]:
+        return self.episodes / self.seconds if self.seconds > 0 else None
+
+
 def write_metrics(run, val: Optional[Dict], **extra) -> Dict[str, Any]:
+    """metrics.json: the final (or last) values, ``episodes_per_s`` at steady state
+    (:class:`Throughput`; ``timed_steps`` of them), ``train_time_s`` (every training step) and
+    ``wall_time_s`` (everything, start-up included)."""
     S = run.state
     last = run.last or {}
+    speed = getattr(run, "throughput", None)
     metrics = finite_json({
         "step": S.step, "val_acc": val["accuracy"] if val else None,
         "val_acc_ci95": val["ci95"] if val else None, "val_episodes": val["episodes"] if val else None,
         "best_val_acc": S.best if S.history else None, "best_step": S.best_step,
         "train_loss": last.get("train/loss"), "train_acc": last.get("train/acc"),
-        "episodes_per_s": run.episodes / run.train_time if run.train_time else None, "train_time_s": run.train_time,
+        "episodes_per_s": speed.per_second if speed else None, "timed_steps": speed.steps if speed else 0,
+        "train_time_s": run.train_time,
         "wall_time_s": S.wall,
         "skipped_steps": int(S.bad), "device": str(run.device), "run_dir": str(run.run_dir),
         "resumed_from": run.resumed_from, "history": S.history, **extra})

@@ -3,12 +3,13 @@
 ``submitit_local`` as local processes and ``submitit_slurm`` as Slurm jobs (metamm schedules
 nothing itself). A job running beside others takes its share of the CPUs (torch threads) and,
 on a machine with several GPUs, a GPU of its own; Slurm jobs get theirs from Slurm
-(``SLURM_CPUS_PER_TASK``, ``CUDA_VISIBLE_DEVICES``)."""
+(``SLURM_CPUS_PER_TASK``, ``CUDA_VISIBLE_DEVICES``). Every job of a sweep gets the same threads."""
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 from metamm_cli import ConfigError
 
@@ -46,11 +47,18 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def job_share() -> Tuple[Optional[int], Optional[int]]:
-    """(CPU threads, job number) for a job that runs beside other jobs of its sweep, or
-    (None, None) for a job that has the machine to itself."""
+_SWEEP_THREADS: Dict[str, int] = {}  # sweep folder -> the thread count of its jobs in this process
+
+
+def job_share(deterministic: bool = False) -> Tuple[Optional[int], Optional[int]]:
+    """(CPU threads, job number) for a job of a sweep, the same threads for every job of it so
+    that their speeds compare: jobs side by side (joblib, submitit) get their share of the CPUs;
+    jobs one after another (``basic``) all get the count chosen for the first one
+    (:func:`~metamm_cli.device.auto_threads`, or every CPU with ``trainer.deterministic``),
+    not one each from the load of its moment. (None, None) for a run that is no sweep's job."""
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         hc = HydraConfig.get()
     except (ImportError, ValueError):
@@ -63,7 +71,14 @@ def job_share() -> Tuple[Optional[int], Optional[int]]:
         return max(1, _cpus() // max(1, n)), num
     if "submitit" in target and os.environ.get("SUBMITIT_EXECUTOR") == "local":
         return int(hc.launcher.get("cpus_per_task") or 1), num
-    return None, None
+    if hc.mode != RunMode.MULTIRUN:
+        return None, None
+    from metamm_cli import device
+
+    sweep = str(Path(hc.runtime.output_dir).resolve().parent)
+    if sweep not in _SWEEP_THREADS:
+        _SWEEP_THREADS[sweep] = _cpus() if deterministic else device.auto_threads()
+    return _SWEEP_THREADS[sweep], None
 
 
 def sweep_job() -> bool:
