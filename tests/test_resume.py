@@ -119,9 +119,9 @@ def test_killed_at_any_moment_resumes_bit_identical(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k, v in b["optimizer"]["state"].items():
         assert all(torch.equal(v[n], a["optimizer"]["state"][k][n]) for n in v), k
-    for tag in ("val/acc", "train/loss", "train/acc"):  # continuous, no duplicates, same values
+    for tag in ("acc/val", "loss/train", "acc/train"):  # continuous, no duplicates, same values
         assert scalars(run, tag) == scalars(straight, tag), tag
-    assert [s for s, _ in scalars(run, "val/acc")] == [2, 4, 6, 8, 10, 12]
+    assert [s for s, _ in scalars(run, "acc/val")] == [2, 4, 6, 8, 10, 12]
     history = lambda r: [(h["step"], h["val_acc"]) for h in json.loads((r / "metrics.json").read_text())["history"]]  # noqa: E731
     assert history(run) == history(straight)
     info = json.loads((run / "run.json").read_text())

@@ -158,8 +158,8 @@ def test_tensorboard_names_runs_by_overrides_with_readable_hparams_and_test_accu
     acc = EventAccumulator(str(tb))
     acc.Reload()
     test = json.loads((folders[0] / "eval.json").read_text())
-    assert acc.Scalars("test/acc")[-1].value == pytest.approx(test["accuracy"], abs=1e-4)
-    assert "hparam/test_acc" in acc.Tags()["scalars"]
+    assert acc.Scalars("acc/test")[-1].value == pytest.approx(test["accuracy"], abs=1e-4)
+    assert "hparam/test_acc" not in acc.Tags()["scalars"]  # the table's test column reads acc/test
     # metamm eval writes its test accuracy and missing-modality curve into the run's TensorBoard
     run_metamm(["eval", "--ckpt", folders[1], "eval.missing_sweep=[0,1]"], tmp_path)
     acc = EventAccumulator(str(folders[1] / "tb" / "fusion=mean"))
