@@ -37,6 +37,74 @@ def remove_failed_start(folder: Path) -> None:
 
 
 START_DEBRIS = {layout.HYDRA, layout.LOG, layout.EVAL_LOG, layout.CONFIG, layout.RUN_INFO, layout.CLAIM}
+HELP_HYDRA_GROUPS = ("hydra/launcher", "hydra/sweeper")  # the Hydra groups a user picks from (sweeps)
+
+
+def help_groups() -> str:
+    """The config groups of `metamm train --help` (``${metamm_help_groups:}`` in hydra.help.template,
+    configs/hydra/default.yaml), one ``group: option, ...`` line each: metamm's groups (a user's
+    --config-dir included) and Hydra's launcher and sweeper groups, without the options whose
+    name starts with ``_`` (a preset family's shared base, such as ``exp/paper/_maml``: not one
+    to pick)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    if not GlobalHydra.instance().is_initialized():
+        return ""
+    loader = GlobalHydra.instance().config_loader()
+
+    def groups(parent: str):
+        for name in loader.list_groups(parent):
+            group = f"{parent}/{name}" if parent else name
+            if group == "hydra":
+                yield from HELP_HYDRA_GROUPS
+            elif not name.startswith("_"):
+                yield group
+                yield from groups(group)
+
+    lines = []
+    for group in sorted(set(groups(""))):
+        options = sorted(o for o in loader.get_group_options(group, ObjectType.CONFIG) if not o.startswith("_"))
+        if options:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+SHIPPED_LAUNCHERS = ("joblib", "submitit_local", "submitit_slurm")  # configs/hydra/launcher/NAME.yaml
+
+
+def register_launchers() -> None:
+    """The shipped launcher configs, validated the Hydra 1.1+ way. A plugin stores its schema as
+    ``hydra/launcher/NAME``, the name of metamm's YAML with metamm's defaults; Hydra would match
+    the two by name (deprecated "automatic schema matching": a warning per composition, every
+    job). So, as Hydra's migration guide says, the schema is renamed (``_NAME_schema``; ``_``: not
+    an option to pick) and each YAML names it in its defaults list. submitit_slurm's schema is
+    metamm's launcher's, which extends the plugin's with its own keys; the launcher class is
+    registered as Hydra plugins are (an editable install does not show it to Hydra's scan)."""
+    import importlib.util
+
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra's plugin scan stores the plugins' configs: done now, not later over these
+    cs = ConfigStore.instance()
+    group = cs.repo.get("hydra", {}).get("launcher", {})
+    for name in SHIPPED_LAUNCHERS:
+        node = group.pop(f"{name}.yaml", None)
+        if node is not None:
+            cs.store(group="hydra/launcher", name=f"_{name}_schema", node=node.node, provider=node.provider)
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        from hydra_plugins.metamm.slurm import MetammSlurmConf, SlurmLauncher
+
+        Plugins.instance().register(SlurmLauncher)
+        cs.store(group="hydra/launcher", name="_submitit_slurm_schema", node=MetammSlurmConf, provider="metamm")
+
+
+def register_help() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("metamm_help_groups"):
+        OmegaConf.register_new_resolver("metamm_help_groups", help_groups, use_cache=False)
 
 
 def hydra_app(config_name: str, task: Callable, argv: List[str], prog: str) -> None:
@@ -79,5 +147,7 @@ def hydra_app(config_name: str, task: Callable, argv: List[str], prog: str) -> N
             return {"status": "failed", "error": message}
 
     register_schemas()
+    register_help()
+    register_launchers()
     sys.argv = [prog] + argv
     hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(guarded)()

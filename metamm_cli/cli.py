@@ -33,6 +33,7 @@ def cmd_train(argv: List[str]) -> int:
     check_yaml(option(argv, "--config-dir", "-cd"))
     check_plugins(argv)
     register_plugins()
+    app.register_launchers()  # before the first composition (resume_overrides composes)
     extra, ckpt = rank_overrides(argv) if world().distributed else resume_overrides(argv)
     LAST_SWEEP.clear()
     app.hydra_app("train", lambda cfg: {"status": "finished", **train(cfg, ckpt=ckpt)}, argv + extra, "metamm train")
@@ -100,15 +101,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     app.SHOW_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
-    from metamm_cli.runs.signals import exit_code, startup_signals
+    from metamm_cli.runs.signals import exit_code, interrupted_line, startup_signals
 
-    startup_signals()  # SIGTERM before training behaves as Ctrl-C: nothing half-made is left
+    startup_signals()  # SIGTERM before training behaves as Ctrl-C: nothing half-made is left (or, for a
+    # sweep waiting on Slurm, the jobs go on and the line says how to collect them)
     try:
         return COMMANDS[command](rest)
     except KeyboardInterrupt as exc:
         if app.SHOW_TRACEBACK:
             raise
-        print(f"metamm {command}: interrupted during start-up; nothing was saved", file=sys.stderr)
+        print(f"metamm {command}: {interrupted_line(exc, rest)}", file=sys.stderr)
         return exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - every error becomes one line
         if app.SHOW_TRACEBACK:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -182,6 +184,31 @@ def to_tensorboard(report: Dict, overrides: list) -> None:
                 writer.add_scalar(f"test/missing/{m}", p["accuracy"], round(100 * p["rate"]))
 
 
+def typed_keys(overrides: list) -> Dict[str, str]:
+    """{config key: the key the user typed}: ``episode.way|shot|query`` given without ``eval.*``
+    set ``eval.*`` too (:func:`apply_overrides`), so what is said about ``eval.way`` is said
+    about ``episode.way``, the key on the command line."""
+    given = {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+    return {f"eval.{k}": f"episode.{k}" for k in ("way", "shot", "query")
+            if f"episode.{k}" in given and f"eval.{k}" not in given}
+
+
+def keys_as_typed(fn):
+    """``fn(cfg, overrides, ...)``'s one-line errors name the keys as the user typed them (:func:`typed_keys`)."""
+    @functools.wraps(fn)
+    def wrapper(cfg, overrides, *args, **kwargs):
+        aliases = typed_keys(overrides)
+        try:
+            return fn(cfg, overrides, *args, **kwargs)
+        except ConfigError as e:
+            text = re.sub(r"(?<![\w.])eval\.(?:way|shot|query)(?!\w)", lambda m: aliases.get(m[0], m[0]), str(e))
+            if text == str(e):
+                raise
+            raise ConfigError(text) from e
+    return wrapper
+
+
+@keys_as_typed
 def rebuild(cfg: DictConfig, overrides: list, state: Dict) -> Tuple[DictConfig, MultimodalDataset, MetaAlgorithm, torch.device]:
     """A checkpoint's model and data as `metamm eval` rebuilds them: (its config with the keys in
     ``overrides`` taken from ``cfg`` (:func:`apply_overrides`), checked; the dataset with the
@@ -216,6 +243,7 @@ def rebuild(cfg: DictConfig, overrides: list, state: Dict) -> Tuple[DictConfig, 
     return run_cfg, dataset, algo, device
 
 
+@keys_as_typed
 def evaluate_checkpoint(cfg: DictConfig, overrides: list, out_dir: Path,
                         state: Optional[Dict] = None, filename: str = layout.eval_file(), quiet: bool = False) -> Dict:
     """`metamm eval`: rebuild the model from the checkpoint's config, run the test episodes,

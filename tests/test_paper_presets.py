@@ -467,7 +467,7 @@ def test_compare_shows_the_paper_and_the_time_to_reach_it(tmp_path, capsys):
     out = capsys.readouterr().out
     head, rule, *rows = [ln for ln in out.splitlines() if ln.startswith("|")]
     cols = [c.strip() for c in head.strip("|").split("|")]
-    assert cols[:1] == ["exp"] and cols.index("paper") == cols.index("test") + 1
+    assert cols[:1] == ["exp"] and cols.index("paper") == cols.index("test ± 95% CI") + 1
     assert cols.index("time to paper") == cols.index("paper") + 1
     cell = {r.split("|")[1].strip(): dict(zip(cols, (c.strip() for c in r.strip("|").split("|")))) for r in rows}
     assert cell["paper/protonet_5w1s"]["paper"] == "98.80" and cell["paper/protonet_5w1s"]["time to paper"] == "21.5 s"
@@ -498,7 +498,7 @@ def test_compare_without_paper_numbers_has_no_paper_columns(tmp_path, capsys):
     capsys.readouterr()
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "paper" not in out and "| best val |" in out
+    assert "paper" not in out and "| best val ± 95% CI |" in out
 
 
 # -- toy-scale learning through the real CLI ------------------------------------------------------

@@ -1,6 +1,7 @@
 """``metamm compare PATH...``: one table of runs (sweep jobs, single runs, or everything under a
 folder), the settings that differ as columns, runs that differ only in ``seed`` grouped (mean ±
-std over seeds), optionally evaluated on the same test episodes (``--eval``) and plotted."""
+the 95% CI over seeds, t with n-1 degrees of freedom), optionally evaluated on the same test
+episodes (``--eval``) and plotted with the same interval."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ DESCRIPTION = """One table of runs: PATH is a run, a sweep, or any folder above 
 folder, outputs/). Columns: the overrides that differ between the runs (a config group by the
 option chosen), best and final validation accuracy, test accuracy ± 95% CI (eval.json, see
 --eval), steps, wall time, episodes/s and status (finished/stopped/running/failed). Runs that
-differ only in seed form one row: mean ± std over seeds and n (one seed: its own 95% CI, marked
-(CI)). Runs of a preset that records its paper's result (preset.paper.accuracy, the +exp=paper/*
+differ only in seed form one row: mean ± 95% CI over seeds (t(0.975, n-1) std/sqrt(n)) and n
+(one seed: its own 95% CI over its episodes, marked (1 run)); --plot draws the same interval. Runs of a preset that records its paper's result (preset.paper.accuracy, the +exp=paper/*
 presets) add the columns paper (that accuracy) and time to paper (wall time of the first
 validation at or above it, or "not reached")."""
 EPILOG = """examples:
@@ -94,7 +95,7 @@ def main(argv: List[str]) -> int:
             print("\n" + legend(rows))
             robust = robustness_table(rows)
             if robust:
-                print("\nrobustness: accuracy with every modality missing at each rate (mean ± 95% CI; "
+                print("\nrobustness: accuracy with every modality missing at each rate (mean ± 95% CI (t, n-1); "
                       "rel. robustness: its mean over the rates; eff. robustness: above late fusion's "
                       "curve shifted to the same clean accuracy; accuracy points)\n" + robust)
     if args.plot:

@@ -1,10 +1,12 @@
 """`metamm compare --plot FILE.png`: one figure of the compared rows (see compare.table):
-(a) validation accuracy against the step, (b) test accuracy with its 95% CI, (c) accuracy
-against the missing rate of each modality (when eval.json holds ``missing_sweep``).
+(a) validation accuracy against the step, (b) test accuracy with its 95% CI and the chance level
+(1/way of the test episodes), (c) accuracy against the missing rate of each modality (when
+eval.json holds ``missing_sweep``).
 
-A row's band or whisker is the 95% CI of the mean over its seeds (1.96 std / sqrt(n)), or the
-single run's own CI. matplotlib is an optional extra (``pip install "metamm[plot]"``), imported
-here only, drawing with the Agg backend (no display, no global pyplot state).
+A row's band or whisker is the table's interval (:mod:`metamm_cli.compare.stats`): the 95% CI of
+the mean over its seeds, t(0.975, n-1) std / sqrt(n), or the single run's own CI. matplotlib is
+an optional extra (``pip install "metamm[plot]"``), imported here only, drawing with the Agg
+backend (no display, no global pyplot state).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from metamm_cli import ConfigError
 from metamm_cli.compare.robustness import missing_sweep
+from metamm_cli.compare.stats import INTERVAL, ci95
 
 NEEDS = '--plot needs matplotlib: pip install "metamm[plot]"'
 
@@ -33,10 +36,10 @@ def row_label(row: Dict) -> str:
 
 
 def mean_band(points: Sequence[Tuple[float, Optional[float]]]) -> Tuple[float, float]:
-    """(mean, half-width): the 95% CI of the mean over seeds, or one run's own CI (0 if none)."""
+    """(mean, half-width): the 95% CI of the mean over seeds (t, n-1), or one run's own CI (0 if none)."""
     values = [v for v, _ in points]
     if len(values) > 1:
-        return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+        return statistics.fmean(values), ci95(values)
     return values[0], points[0][1] or 0.0
 
 
@@ -59,7 +62,7 @@ def val_curves(ax, rows: List[Dict], colors) -> None:
         ax.plot(xs, mean, marker="o", markersize=3, color=color, label=row_label(row))
         ax.fill_between(xs, [m - b for m, b in zip(mean, band)], [m + b for m, b in zip(mean, band)],
                         color=color, alpha=0.2, linewidth=0)
-    ax.set_title("(a) validation accuracy")
+    ax.set_title(f"(a) validation accuracy (bands: {INTERVAL})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy (%)")
@@ -91,24 +94,53 @@ def accuracy_bars(ax, rows: List[Dict], colors) -> None:
         color = ([colors[i % len(colors)] for i, r in enumerate(rows) if r["metrics"][m]["n"]] if len(metrics) == 1
                  else colors[j % len(colors)])  # one metric: the rows' colours of (a)
         ax.barh(ys, means, height=height, xerr=errs, capsize=3, color=color, alpha=0.85, label=m.replace(":", " "))
+        chance_lines(ax, [(y, row["metrics"][m].get("chance")) for y, row in
+                          zip(ys, [r for r in rows if r["metrics"][m]["n"]])], height)
     ax.set_yticks(range(len(rows)), [row_label(r) for r in rows], fontsize="small")
     ax.invert_yaxis()  # the table's best-first order, top down
-    ax.set_xlabel("accuracy (%) with 95% CI")
+    ax.set_xlabel(f"accuracy (%), mean ± {INTERVAL} over seeds")
     ax.set_title("(b) test accuracy")
     ax.grid(axis="x", alpha=0.3)
     if len(metrics) > 1:  # below the axes: never over a bar
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(4, len(metrics)))
 
 
+def chance_lines(ax, bars: List[Tuple[float, Optional[float]]], height: float) -> None:
+    """The chance level (1/way, in %) of the test bars: one dashed line across the axes when every
+    bar shares it, else a dashed tick over each bar at its own; label ``chance``."""
+    levels = {c for _, c in bars if c is not None}
+    if not levels:
+        return
+    style = dict(color="0.3", linestyle="--", linewidth=1, zorder=3)
+    if len(levels) == 1:
+        level = levels.pop()
+        if "chance" not in [ln.get_label() for ln in ax.lines]:  # one line for every metric
+            ax.axvline(level, label="chance", **style)
+            ax.annotate(f"chance {level:.4g}%", (level, 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -10), textcoords="offset points", fontsize="small", color="0.3")
+        return
+    ys = [y for y, c in bars if c is not None]
+    drawn = "chance" in [c.get_label() for c in ax.collections]
+    ax.vlines([c for _, c in bars if c is not None], [y - height / 2 for y in ys], [y + height / 2 for y in ys],
+              label="_chance" if drawn else "chance", **style)
+
+
+def curves(run: Dict) -> Dict[str, list]:
+    """A run's missing-modality curves worth drawing: none for a run of one modality (its sweep
+    holds only that modality, which a sample never loses: a flat line)."""
+    sweep = missing_sweep(run)
+    return sweep if len(sweep) > 1 or "all" in sweep else {}
+
+
 def sweep_modalities(rows: List[Dict]) -> List[str]:
-    return list(dict.fromkeys(m for row in rows for run in row["runs"] for m in missing_sweep(run)))
+    return list(dict.fromkeys(m for row in rows for run in row["runs"] for m in curves(run)))
 
 
-def robustness(ax, rows: List[Dict], modality: str, colors) -> None:
+def robustness(ax, rows: List[Dict], modality: str, colors, letter: str = "c") -> None:
     for i, row in enumerate(rows):
         series = []
         for run in row["runs"]:
-            points = missing_sweep(run).get(modality) or []
+            points = curves(run).get(modality) or []
             series.append({p["rate"]: (p["accuracy"], p.get("ci95")) for p in points if p.get("accuracy") is not None})
         series = [s for s in series if s]
         if not series:
@@ -119,7 +151,7 @@ def robustness(ax, rows: List[Dict], modality: str, colors) -> None:
         ax.errorbar(xs, mean, yerr=band, marker="o", markersize=3, capsize=3, color=color,
                     linestyle="--" if baseline else "-", label=row_label(row))
     every = modality == "all"
-    ax.set_title("(c) every modality missing at once" if every else f"(c) {modality} missing")
+    ax.set_title(f"({letter}) every modality missing at once" if every else f"({letter}) {modality} missing")
     ax.set_xlabel("rate at which each modality of a sample is missing (never its last)" if every
                   else f"rate of samples without {modality}")
     ax.set_ylabel("test accuracy (%)")
@@ -144,8 +176,8 @@ def plot(rows: List[Dict], path: Path) -> Path:
     colors = [f"C{i}" for i in range(10)]
     val_curves(axes[0], rows, colors)
     accuracy_bars(axes[1], rows, colors)
-    for ax, modality in zip(axes[2:], modalities):
-        robustness(ax, rows, modality, colors)
+    for k, (ax, modality) in enumerate(zip(axes[2:], modalities)):
+        robustness(ax, rows, modality, colors, "cdefghij"[min(k, 7)])
     if modalities:
         axes[2].legend(fontsize="small")
     for ax in axes[panels:]:

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 from metamm_cli import ConfigError
 from metamm_cli.compare.robustness import robust_curve
+from metamm_cli.compare.stats import INTERVAL
 from metamm_cli.compare.table import HEADERS, ROBUST_METRICS
 
 def fmt_seconds(s: Optional[float]) -> str:
@@ -22,14 +23,13 @@ def fmt_seconds(s: Optional[float]) -> str:
 
 
 def fmt_acc(stat: Dict, n: int) -> str:
-    """``65.00 ± 7.07`` (mean ± std over seeds), ``66.67 ± 14.08 (CI)`` (one run: its 95% CI),
-    ``[1/2]`` when only some of the row's runs have it."""
+    """``65.00 ± 7.07`` (mean ± the 95% CI of the mean over seeds, t with n-1 degrees of freedom),
+    ``66.67 ± 14.08 (1 run)`` (one run: its own 95% CI over its episodes), ``[1/2]`` when only
+    some of the row's runs have it."""
     if not stat["n"]:
         return "-"
-    if stat["n"] > 1:
-        text = f"{stat['mean']:.2f} ± {stat['std']:.2f}"
-    elif stat["ci95"] is not None:
-        text = f"{stat['mean']:.2f} ± {stat['ci95']:.2f} (CI)"
+    if stat["ci95"] is not None:
+        text = f"{stat['mean']:.2f} ± {stat['ci95']:.2f}" + (" (1 run)" if stat["n"] == 1 else "")
     else:
         text = f"{stat['mean']:.2f}"
     return text + (f" [{stat['n']}/{n}]" if stat["n"] < n else "")
@@ -75,11 +75,16 @@ def cells(row: Dict, metrics: List[str]) -> List[str]:
     return out
 
 
-def header(metric: str, rows: Sequence[Dict] = ()) -> str:
-    """A metric's column title; an eval set scored by retrieval says so: ``test ret (class recall@1)``."""
+NOT_ACC = ("steps", "wall_time_s", "paper", "time_to_paper_s", "episodes_per_s")  # cells without an interval
+
+
+def header(metric: str, rows: Sequence[Dict] = (), interval: bool = False) -> str:
+    """A metric's column title; an eval set scored by retrieval says so: ``test ret (class recall@1)``;
+    ``interval``: an accuracy column says which interval its cells show (``best val ± 95% CI``)."""
     text = HEADERS.get(metric) or metric.replace(":", " ")
     what = {r["metrics"][metric].get("what") for r in rows} - {None, "accuracy"}
-    return text + (f" ({', '.join(sorted(what))})" if what else "")
+    text += f" ({', '.join(sorted(what))})" if what else ""
+    return text + (" ± 95% CI" if interval and metric not in NOT_ACC else "")
 
 
 def render(rows: List[Dict], fmt: str = "md") -> str:
@@ -103,7 +108,7 @@ def render(rows: List[Dict], fmt: str = "md") -> str:
         return buf.getvalue().rstrip("\n")
     if fmt != "md":
         raise ConfigError(f"--format {fmt}: choose md, csv or json")
-    heads = [*cols, "n", "status", *(header(m, rows) for m in metrics)]
+    heads = [*cols, "n", "status", *(header(m, rows, interval=True) for m in metrics)]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for row in rows:
         values = [*row["settings"].values(), str(row["n"]), row["status"], *cells(row, metrics)]
@@ -113,8 +118,9 @@ def render(rows: List[Dict], fmt: str = "md") -> str:
 
 def robustness_table(rows: List[Dict]) -> str:
     """The robustness curves as a Markdown table: per setting (with a curve), the accuracy with
-    every modality missing at each rate (mean over its runs ± the 95% CI of that mean; one run:
-    its own CI), then the relative and effective robustness; '' when no run has a curve."""
+    every modality missing at each rate (mean over its runs ± the 95% CI of that mean, t with n-1
+    degrees of freedom; one run: its own CI), then the relative and effective robustness; '' when
+    no run has a curve."""
     curves = [(row, [robust_curve(r) for r in row["runs"] if robust_curve(r)]) for row in rows]
     curves = [(row, c) for row, c in curves if c]
     if not curves:
@@ -123,7 +129,8 @@ def robustness_table(rows: List[Dict]) -> str:
 
     rates = sorted({p["rate"] for _, cs in curves for c in cs for p in c})
     cols = list(rows[0]["settings"])
-    heads = [*cols, "n", *(f"missing {r:g}" for r in rates), "rel. robustness", "eff. robustness"]
+    heads = [*cols, "n", *(f"missing {r:g} ± 95% CI" for r in rates), "rel. robustness ± 95% CI",
+             "eff. robustness ± 95% CI"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for row, cs in curves:
         xs, mean, band = curve([{p["rate"]: (p["accuracy"], p.get("ci95")) for p in c if p.get("accuracy") is not None}
@@ -142,7 +149,8 @@ def legend(rows: List[Dict]) -> str:
     paper = ("; paper: the accuracy its paper reports (preset.paper), time to paper: wall time of the "
              "first validation at or above it" if "paper" in rows[0]["metrics"] else "")
     return (f"{len(rows)} setting{'s' * (len(rows) != 1)}, {runs} run{'s' * (runs != 1)}; accuracies in %: "
-            f"mean ± std over seeds, or one run's 95% CI (CI); [k/n]: k of the n runs have it{paper}; "
+            f"mean ± {INTERVAL} over seeds, t(0.975, n-1)·std/√n, or one run's own 95% CI over its "
+            f"episodes (1 run); [k/n]: k of the n runs have it{paper}; "
             f"sorted by {header(rows[0]['sort'])}")
 
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from metamm_cli import ConfigError
 from metamm_cli.compare.robustness import effective_robustness, is_late, relative_robustness, robust_curve
+from metamm_cli.compare.stats import ci95
 
 # Override keys that say where or how a run was recorded, not what was trained.
 BOOKKEEPING = {"exp", "sweep", "trainer.resume", "trainer.progress", "trainer.tensorboard", "output_root", "search.trial", "trainer.test",
                "task_name"}
 SEED = "seed"
-# Accuracy metrics (percent, shown with ± std or the run's CI) then plain numbers; "test:NAME" per eval set.
+# Accuracy metrics (percent, shown as mean ± the 95% CI over seeds, or the run's own CI) then plain
+# numbers; "test:NAME" per eval set.
 ACC_METRICS = ("best_val", "final_val", "test")
 PLAIN_METRICS = ("steps", "wall_time_s", "episodes_per_s")
 # Summaries of the robustness curve (eval.missing_sweep's "all": every modality missing at each
@@ -128,16 +131,28 @@ def columns(runs: List[Dict], groups: List[List[Dict]]) -> List[str]:
 
 
 def summarize(values: Sequence[Optional[float]], cis: Sequence[Optional[float]] = ()) -> Dict[str, Any]:
-    """mean, std over seeds (n > 1), ci95 (one run: its own 95% CI; several: the CI of the mean over
-    seeds, 1.96 std / sqrt(n)), n (runs with a value)."""
+    """mean, std over seeds (n > 1), ci95 (several runs: the 95% CI of the mean over seeds with the
+    t quantile of n-1 degrees of freedom, :mod:`metamm_cli.compare.stats`; one run: its own 95%
+    CI over its episodes), n (runs with a value)."""
     pairs = [(v, c) for v, c in zip(values, list(cis) + [None] * (len(values) - len(cis))) if v is not None]
     n = len(pairs)
     if n == 0:
         return {"mean": None, "std": None, "ci95": None, "n": 0}
     vals = [float(v) for v, _ in pairs]
     std = statistics.stdev(vals) if n > 1 else None
-    ci = 1.96 * std / math.sqrt(n) if n > 1 else pairs[0][1]
+    ci = ci95(vals) if n > 1 else pairs[0][1]
     return {"mean": statistics.fmean(vals), "std": std, "ci95": ci, "n": n}
+
+
+def chance_level(reports: Sequence[Optional[Dict]]) -> Optional[float]:
+    """The chance accuracy (%, 1/way) of a row's eval reports, read from their setting (``...,
+    chance 20.00%``), when they share one; None otherwise (retrieval, fixed episodes files)."""
+    levels = set()
+    for t in reports:
+        found = re.search(r"chance ([0-9.]+)%", str((t or {}).get("setting") or ""))
+        if t and t.get("metric") == "accuracy" and found:
+            levels.add(float(found.group(1)))
+    return levels.pop() if len(levels) == 1 else None
 
 
 def metric_names(runs: List[Dict]) -> List[str]:
@@ -225,6 +240,7 @@ def table(runs: List[Dict], sort: Optional[str] = None) -> List[Dict[str, Any]]:
             if m.startswith("test"):  # accuracy, or class recall@1 for a retrieval evaluation
                 t = [r["tests"].get(m[5:] if ":" in m else "") for r in g]
                 stats[m]["what"] = next((x["metric"] for x in t if x and x["metric"]), None)
+                stats[m]["chance"] = chance_level(t)
         if "time_to_paper_s" in stats:  # runs that never reached the paper's accuracy
             stats["time_to_paper_s"]["not_reached"] = sum(r.get("paper_reached") is False for r in g)
         if g[0]["max_steps"] is not None:

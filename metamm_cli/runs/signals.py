@@ -1,11 +1,13 @@
 """Stop signals. During start-up SIGTERM (what Slurm and `kill` send) behaves like Ctrl-C: it
 interrupts, the half-made run folder is removed and nothing is saved. While training,
-:class:`StopSignals` takes both between steps, so a checkpoint never holds a half-done step."""
+:class:`StopSignals` takes both between steps, so a checkpoint never holds a half-done step.
+An interruption says what it left behind (:func:`interrupted_line`): nothing, or, for a sweep
+waiting on Slurm (:class:`metamm_cli.hydra_plugin.slurm.SlurmInterrupted`), the jobs that go on."""
 from __future__ import annotations
 
 import os
 import signal
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class Interrupted(KeyboardInterrupt):
@@ -14,6 +16,26 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+    def describe(self, argv: Sequence[str]) -> str:
+        """What the interruption left, in one line; ``argv``: the command's arguments."""
+        return STARTUP
+
+
+STARTUP = "interrupted during start-up; nothing was saved"
+
+
+def interrupted_line(exc: KeyboardInterrupt, argv: Sequence[str] = ()) -> str:
+    """The one line for an interruption (Ctrl-C's plain KeyboardInterrupt included)."""
+    if isinstance(exc, Interrupted) and type(exc).describe is not Interrupted.describe:
+        return exc.describe(argv)
+    if any(a in ("-m", "--multirun") for a in argv):  # a local sweep: each started job saved last.pt
+        return SWEEP
+    return STARTUP
+
+
+SWEEP = ("interrupted; every job that had started saved its checkpoints/last.pt; continue the sweep "
+         "with the same command and trainer.resume=true (or trainer.resume=SWEEP_FOLDER)")
 
 
 def _interrupt(signum, frame):
