@@ -165,3 +165,36 @@ def test_sigterm_saves_every_member_and_resume_continues_them(tmp_path):
         assert sb["step"] == steps and "interrupted" not in json.loads((b / "metrics.json").read_text())
         for k, v in sa["model"].items():
             torch.testing.assert_close(v, sb["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_diverged_member_is_masked_out_and_the_rest_go_on(tmp_path):
+    """lr=1e9 diverges (trainer.on_nan=stop: that job fails in one line, as alone); the member
+    beside it trains on, to the weights of its run alone."""
+    args = ["train", "-m", *SAME, "seed=0", "trainer.lr=0.05,1e9"]
+    proc = run_metamm([*args, *POP], tmp_path, check=False)
+    assert proc.returncode == 1 and "non-finite loss or gradient" in proc.stdout + proc.stderr
+    run_metamm(args, tmp_path, check=False)
+    pop, alone = sweeps(tmp_path)
+    (a,), (b,) = members(pop), members(alone)  # the finished job of each
+    assert "trainer.lr=0.05" in a.name
+    for k, v in last(a)["model"].items():
+        torch.testing.assert_close(v, last(b)["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_out_of_memory_names_a_chunk_that_fits():
+    from types import SimpleNamespace
+
+    from metamm_cli.scale.population import out_of_memory
+
+    line = out_of_memory(SimpleNamespace(chunk_size=16), torch.device("cuda", 0))
+    assert "16 population members" in line and "trainer.population_chunk=8" in line
+
+
+def test_population_safe_keys_and_grouping():
+    from hydra_plugins.metamm.population import group_jobs
+
+    jobs = [["+exp=smoke", f"seed={s}", f"fusion={f}", f"trainer.lr={lr}"]
+            for f in ("concat", "mean") for s in (0, 1) for lr in (0.1, 0.2)]
+    groups, split = group_jobs(jobs)
+    assert groups == [[0, 1, 2, 3], [4, 5, 6, 7]] and split == ["fusion"]
+    assert group_jobs([["missing.train.image=0.5"], ["missing.train.image=0.2"], ["algorithm.inner_lr=0.1"]])[0] == [[0, 1, 2]]
