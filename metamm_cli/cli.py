@@ -32,6 +32,8 @@ def cmd_train(argv: List[str]) -> int:
 
     check_yaml(option(argv, "--config-dir", "-cd"))
     check_plugins(argv)
+    from metamm_cli.scale.population import refuse_argv
+    refuse_argv(argv)  # population under torchrun: refused before a process group is joined
     register_plugins()
     app.register_launchers()  # before the first composition (resume_overrides composes)
     extra, ckpt = rank_overrides(argv) if world().distributed else resume_overrides(argv)

@@ -164,6 +164,7 @@ class TrainerConfig:
     max_steps: int = field(default=1000, metadata=_range(">= 0"))
     meta_batch: int = field(default=4, metadata=_range(">= 1"))
     task_chunk: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # tasks per forward/backward; None = whole meta-batch
+    population_chunk: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # hydra/launcher=population: members per vmapped forward/backward; None = all
     lr: float = field(default=1e-3, metadata=_range("> 0", True))
     weight_decay: float = field(default=0.0, metadata=_range(">= 0", True))
     grad_clip: Optional[float] = field(default=None, metadata=_range("null or > 0", True))

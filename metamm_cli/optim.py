@@ -44,3 +44,45 @@ def make_scheduler(optimizer: torch.optim.Optimizer, T):
             return done * final + (1 - done)
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- the same optimizers over a population: every tensor has a leading member dim P ---------
+# Pure functions (learn2learn style), torch's Adam/SGD maths exactly (weight decay as L2 added
+# to the gradient, not AdamW; eps outside the square root); ``lr``, ``weight_decay``, ``ok``
+# are [P] and broadcast over each parameter's own dims. ``ok`` False keeps a member as it was
+# (a non-finite step, as fused Adam's found_inf; a member that stopped).
+
+def per_member(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x [P]`` shaped to broadcast against ``like [P, ...]``."""
+    return x.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def adam_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                step: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, ok: torch.Tensor,
+                betas=(0.9, 0.999), eps: float = 1e-8):
+    """One Adam step of stacked ``p`` with gradient ``g`` at (already incremented) ``step [P]``
+    -> (p, exp_avg, exp_avg_sq), members not ``ok`` unchanged."""
+    b1, b2 = betas
+    g = g + per_member(weight_decay, p) * p
+    m = exp_avg.lerp(g, 1 - b1)
+    v = exp_avg_sq * b2 + (1 - b2) * g * g
+    s = step.to(torch.float64)
+    bc1, bc2_sqrt = 1 - b1 ** s, (1 - b2 ** s).sqrt()
+    step_size = per_member((lr / bc1).to(p.dtype), p)
+    denom = v.sqrt() / per_member(bc2_sqrt.to(p.dtype), p) + eps
+    new = p - step_size * m / denom
+    keep = per_member(ok, p).bool()
+    return torch.where(keep, new, p), torch.where(keep, m, exp_avg), torch.where(keep, v, exp_avg_sq)
+
+
+def sgd_update(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor,
+               weight_decay: torch.Tensor, ok: torch.Tensor, momentum: float = 0.0, nesterov: bool = False):
+    """One SGD step (momentum buffer ``buf`` starts at zeros: torch's first step, without dampening)
+    -> (p, buf), members not ``ok`` unchanged."""
+    g = g + per_member(weight_decay, p) * p
+    keep = per_member(ok, p).bool()
+    if momentum:
+        new_buf = buf * momentum + g
+        g = g + momentum * new_buf if nesterov else new_buf
+        buf = torch.where(keep, new_buf, buf)
+    return torch.where(keep, p - per_member(lr, p) * g, p), buf

@@ -276,19 +276,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, overrides: Optional[L
         claim(run_dir, f"trainer.resume={cfg.trainer.resume}" if cfg.trainer.resume else "train")
     run = None
     try:
-        if sweep_job() and cfg.trainer.resume:  # a continued sweep: this job's own state
-            done, ckpt = continue_job(run_dir)
-            if done is not None:
-                log.info(f"{run_dir.name}: finished before, skipped")
-                return done
-            if ckpt is None:
-                cfg.trainer.resume = None
-        elif main and ckpt is None and cfg.trainer.resume in (None, False) and holds_a_run(run_dir):
-            raise ConfigError(f"{run_dir} already holds a run: continue it with "
-                              f"trainer.resume={hydra_quote(run_dir)} (or -m ... trainer.resume=SWEEP_FOLDER "
-                              f"for a sweep), or choose another folder; nothing is overwritten")
-        ckpt = ckpt or resume_state(cfg)
-        done = finished(ckpt, cfg, overrides) if ckpt is not None else None
+        done, ckpt = begin(cfg, run_dir, overrides, ckpt, main)
         if done is not None:
             return done
         run = setup(cfg, run_dir, overrides, ckpt)
@@ -327,6 +315,27 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, overrides: Optional[L
             run.writer.close()
         if main:
             release(run_dir)
+
+
+def begin(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[Dict],
+          main: bool = True):
+    """Before setup: (metrics, None) of a run that finished before (nothing to train), else
+    (None, the checkpoint to continue or None). A continued sweep's job finds its own state; a
+    folder that holds a run is never overwritten."""
+    if sweep_job() and cfg.trainer.resume:  # a continued sweep: this job's own state
+        done, ckpt = continue_job(run_dir)
+        if done is not None:
+            log.info(f"{run_dir.name}: finished before, skipped")
+            return done, None
+        if ckpt is None:
+            cfg.trainer.resume = None
+    elif main and ckpt is None and cfg.trainer.resume in (None, False) and holds_a_run(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run: continue it with "
+                          f"trainer.resume={hydra_quote(run_dir)} (or -m ... trainer.resume=SWEEP_FOLDER "
+                          f"for a sweep), or choose another folder; nothing is overwritten")
+    ckpt = ckpt or resume_state(cfg)
+    done = finished(ckpt, cfg, overrides) if ckpt is not None else None
+    return (done, None) if done is not None else (None, ckpt)
 
 
 def patience_spent(run: Run) -> bool:

@@ -13,6 +13,8 @@ class ANIL(MAML):
     only the linear head, on features computed once per task (the same meta-gradient as MAML
     restricted to the head, at a fraction of the cost). Everything else as :class:`MAML`."""
 
+    population = False  # not tested under the population vmap (hydra/launcher=population)
+
     def fast_names(self):
         return ["head.weight", "head.bias"]
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamm_cli import ConfigError
-from metamm_cli.algorithms.functional import BN_STATS, task_groups, task_norms, upcast
+from metamm_cli.algorithms.functional import BN_STATS, task_groups, task_norms, under_transform, upcast
 
 EXECUTIONS = ("auto", "batch", "loop")
 from metamm_cli.data.episodes import Episode
@@ -49,6 +49,12 @@ class MetaAlgorithm(nn.Module):
     task_batchnorm = True
     inner_loop = False
     query_meta_loss = False
+    # Whether hydra/launcher=population may train members of a sweep as one torch.func.vmap over
+    # this algorithm's step (scale/population.py): no data-dependent Python control flow, no
+    # in-place state outside parameters and buffers. Declared where it is tested
+    # (tests/test_population.py); ``population_why`` says why not, for the refusal.
+    population = False
+    population_why = "not tested under vmap over members"
 
     @property
     def differentiates_twice(self) -> bool:
@@ -91,7 +97,7 @@ class MetaAlgorithm(nn.Module):
         """Whether a meta-batch is embedded one task at a time (``execution``)."""
         if self.bn_stats != "task" or self.execution == "batch":
             return False
-        return self.execution == "loop" or device.type == "cpu"
+        return self.execution == "loop" or device.type == "cpu" or under_transform()
 
     def embed(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
         """Embed ``[*lead, ...]`` inputs of any leading shape -> ``[*lead, D]``; with two or more

@@ -86,6 +86,26 @@ def _stack(outs: Sequence):
     return torch.stack(outs)
 
 
+_TRANSFORMS = []  # population.py's vmap over members is running (a stack: nested calls)
+
+
+@contextlib.contextmanager
+def population_transform():
+    """Within the block the algorithm runs under population.py's vmap over members: per-task
+    programs use ``torch.func`` transforms (no ``torch.autograd.grad`` under vmap) and the
+    metric algorithms embed task by task (their per-task BatchNorm groups write their running
+    statistics in place, which only the per-task path does under vmap)."""
+    _TRANSFORMS.append(True)
+    try:
+        yield
+    finally:
+        _TRANSFORMS.pop()
+
+
+def under_transform() -> bool:
+    return bool(_TRANSFORMS)
+
+
 def resolve_execution(execution: str, device: torch.device) -> str:
     if execution == "auto":
         return "vmap" if device.type == "cuda" else "loop"
@@ -99,7 +119,7 @@ def run_tasks(make_fn: Callable, shared: Sequence, batched: Sequence, execution:
     first = batched[0]
     device = (next(iter(first.values())) if isinstance(first, dict) else first).device
     batched_run = resolve_execution(execution, device) == "vmap"
-    fn = make_fn(batched_run)
+    fn = make_fn(batched_run or under_transform())
     if batched_run:
         dims = (None,) * len(shared) + (0,) * len(batched)
         return vmap(fn, in_dims=dims, randomness="different")(*shared, *batched)

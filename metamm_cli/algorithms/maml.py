@@ -40,6 +40,8 @@ class MAML(MetaAlgorithm):
     so any way works at test time.
     """
 
+    population = True  # hydra/launcher=population: one vmap over members (tests/test_population.py)
+
     family = "optimization"
     task_batchnorm = False  # its norm layers are functional: per task by construction
     inner_loop = True

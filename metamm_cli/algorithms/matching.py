@@ -58,6 +58,8 @@ class MatchingNet(MetaAlgorithm):
     ``P(y|x, S) = sum_i a(x, x_i) y_i``); ``fce=true`` adds the full-context embeddings.
     ``scale`` multiplies the cosine before the softmax (1 in the paper). Any way at test time."""
 
+    population = True  # hydra/launcher=population: one vmap over members (tests/test_population.py)
+
     def __init__(self, model, way, num_classes: Optional[int] = None, fce: bool = False,
                  fce_steps: Annotated[int, Range(">= 1")] = 5, scale: Annotated[float, Range("> 0")] = 1.0,
                  bn_stats: str = "task", execution: str = "auto"):

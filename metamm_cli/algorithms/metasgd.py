@@ -16,6 +16,8 @@ class MetaSGD(MAML):
     initialisation ``theta``. ``alpha`` starts uniform in ``inner_lr_range`` (the paper's
     [0.005, 0.1]). One inner step as in the paper; the head is learned (fixed way)."""
 
+    population = False  # not tested under the population vmap (hydra/launcher=population)
+
     def __init__(self, model, way, num_classes: Optional[int] = None,
                  inner_lr_range: Sequence[float] = (0.005, 0.1), inner_steps: int = 1,
                  inner_steps_eval: int = 1, first_order: bool = False, execution: str = "auto"):

@@ -52,6 +52,8 @@ class ProtoNet(MetaAlgorithm):
     (``distance=sq_euclidean`` as in the paper, ``euclidean``, ``manhattan``), or by
     ``cosine`` similarity times a learned temperature (initialised to ``temperature``)."""
 
+    population = True  # hydra/launcher=population: one vmap over members (tests/test_population.py)
+
     def __init__(self, model, way, num_classes: Optional[int] = None,
                  distance: Literal[DISTANCES] = "sq_euclidean", temperature: Annotated[float, Range("> 0")] = 10.0,
                  bn_stats: str = "task", execution: str = "auto"):

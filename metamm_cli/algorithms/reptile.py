@@ -34,6 +34,8 @@ class Reptile(MAML):
     query (no information flows between queries). Training logits (reported accuracy only) are
     computed on the whole query set. The reported training loss is the distance above."""
 
+    population = False  # not tested under the population vmap (hydra/launcher=population)
+
     query_meta_loss = False  # its meta-loss is ½‖θ − stopgrad(φ̄)‖², not the query loss
 
     def __init__(self, model, way, num_classes: Optional[int] = None, inner_lr: float = 0.1,

@@ -103,7 +103,21 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
         raise ConfigError(f"not writing {path}: {len(bad)} non-finite model tensors "
                           f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     clean_orphans(Path(path).parent)
+    state = compact(state)
     write_atomic(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
+
+
+def compact(x: Any) -> Any:
+    """``x`` with every tensor that is a view into a larger storage copied out: torch.save writes a
+    view's whole storage (a population member's weights are views into the stacked tensors,
+    scale/population.py), which would put every member's weights into each checkpoint."""
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x.untyped_storage().nbytes() > x.nbytes else x
+    if isinstance(x, dict):
+        return {k: compact(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in x):
+        return type(x)(compact(v) for v in x)
+    return x
 
 
 def keep_last(folder: Path, step: int, keep: int) -> None:

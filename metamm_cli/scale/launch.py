@@ -31,13 +31,16 @@ def check_plugins(argv: List[str]) -> None:
 
 
 def register_plugins() -> None:
-    """metamm's Optuna sweeper (``hydra/sweeper=optuna``): Hydra finds plugins by scanning the
+    """metamm's Optuna sweeper (``hydra/sweeper=optuna``) and population launcher
+    (``hydra/launcher=population``): Hydra finds plugins by scanning the
     installed ``hydra_plugins`` package, which an editable install does not show it."""
     from hydra.core.plugins import Plugins
 
     from hydra_plugins.metamm import OptunaSweeper
+    from hydra_plugins.metamm.population import PopulationLauncher
 
     Plugins.instance().register(OptunaSweeper)
+    Plugins.instance().register(PopulationLauncher)
 
 
 def _cpus() -> int:
