@@ -337,8 +337,9 @@ def instantiate_checked(node: DictConfig, key: str, convert: str = "none", **kwa
 def job_dirname(overrides: str, limit: int = 120) -> str:
     """A sweep job's folder name from its overrides, cut to ``limit`` characters with a short
     hash of the whole, so that long sweeps stay within the file system's 255-byte names (the
-    full overrides are in the job's .hydra/overrides.yaml)."""
-    name = str(overrides)
+    full overrides are in the job's .hydra/overrides.yaml). A group's ``/`` (``encoder/image=mlp``)
+    becomes ``_``: one folder per job, not a folder inside another."""
+    name = str(overrides).replace("/", "_")
     if len(name) <= limit:
         return name
     import hashlib

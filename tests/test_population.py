@@ -176,7 +176,7 @@ def test_a_diverged_member_is_masked_out_and_the_rest_go_on(tmp_path):
     run_metamm(args, tmp_path, check=False)
     pop, alone = sweeps(tmp_path)
     (a,), (b,) = members(pop), members(alone)  # the finished job of each
-    assert "trainer.lr=0.05" in a.name
+    assert "trainer.lr=0.05" in (a / ".hydra" / "overrides.yaml").read_text()
     for k, v in last(a)["model"].items():
         torch.testing.assert_close(v, last(b)["model"][k], rtol=1e-5, atol=1e-6, msg=k)
 
