@@ -31,7 +31,7 @@ PUBLISHED = {
     "metaoptnet_protonet_cifar_fs_5w1s": 72.2, "metaoptnet_protonet_cifar_fs_5w5s": 83.5,
     "metaoptnet_protonet_fc100_5w1s": 37.5, "metaoptnet_protonet_fc100_5w5s": 52.5,
 }
-UNPUBLISHED = ["cub_am3_protonet_5w1s", "cub_multimodal_protonet_5w1s", "cub_multimodal_protonet_5w5s",
+UNPUBLISHED = ["cub_am3_protonet_5w1s", "cub_robust_protonet_5w1s", "cub_multimodal_protonet_5w1s", "cub_multimodal_protonet_5w5s",
                "pretrain_resnet12_mini", "pretrained_protonet_mini_5w1s", "pretrained_protonet_mini_5w5s"]
 STEP = ["trainer.max_steps=1", "trainer.val_every=1", "trainer.val_episodes=1", "trainer.log_every=1",
         "trainer.ckpt_every=1", "trainer.progress=false", "trainer.tensorboard=false", "eval.episodes=1",

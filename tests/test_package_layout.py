@@ -26,6 +26,7 @@ LAYERS = [
     ["compare.*"],
     ["scale.callbacks"],
     ["app", "api"],
+    ["scale.population"],
     ["cli", "__main__", "hydra_plugin.*"],
 ]
 

@@ -138,7 +138,7 @@ def test_eval_names_the_key_the_user_typed(smoke_run):
 def test_train_help_lists_what_a_user_picks(tmp_path):
     out = run_metamm(["train", "--help"], tmp_path).stdout
     groups = dict(ln.split(": ", 1) for ln in out.split("== Config ==")[0].splitlines() if re.match(r"^[\w/]+: ", ln))
-    assert groups["hydra/launcher"] == "basic, joblib, submitit_local, submitit_slurm"
+    assert groups["hydra/launcher"] == "basic, joblib, population, submitit_local, submitit_slurm"
     assert groups["hydra/sweeper"] == "basic, optuna"
     assert "maml_5w1s" in groups["exp/paper"].split(", ")
     internal = [(g, o) for g, opts in groups.items() for o in opts.split(", ") if o.startswith("_")]
