@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def run_metamm(args, cwd, env=None, check=True):
 # together instead of one of them starting a long file last.
 SLOW_FIRST = ("test_sweeps.py", "test_benchmark_presets.py", "test_algorithm_cli.py", "test_runs.py", "test_resume.py", "test_paper_presets.py",
               "test_distributed.py", "test_compare.py", "test_cli.py", "test_selfcontained.py")
+
+
+def wait_for(predicate, proc=None, timeout=HANG_GUARD):
+    """Poll ``predicate`` until it holds; fails at once, with its output, when ``proc`` has exited
+    (a process that failed at start-up never makes the files a test waits for)."""
+    deadline = time.monotonic() + timeout  # a hang guard only
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        assert proc is None or proc.poll() is None, f"exited {proc.returncode}: {proc.communicate()}"
+        time.sleep(0.02)
 
 
 def pytest_collection_modifyitems(items):

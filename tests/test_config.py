@@ -1,6 +1,7 @@
 """Every config option composes and builds; the wheel ships the configs."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -70,6 +71,15 @@ def test_wheel_ships_configs(tmp_path):
                            cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
                            capture_output=True, text=True, timeout=HANG_GUARD)
     assert probe.stdout.strip() == str(site / "metamm_cli" / "configs"), probe.stderr
+    # the installed package trains: Hydra scans its hydra_plugins.metamm (an editable install's
+    # tests never do), and a plugin module that breaks the scan breaks every command
+    env = {**os.environ, "PYTHONPATH": str(site), "METAMM_DATA": str(tmp_path / "no-data")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    step = subprocess.run([sys.executable, "-m", "metamm_cli", "train", "+exp=smoke", "trainer.max_steps=1",
+                           "trainer.val_every=1", "trainer.val_episodes=1", "eval.episodes=1",
+                           "trainer.tensorboard=false", "trainer.progress=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert step.returncode == 0 and "final validation accuracy" in step.stdout + step.stderr, step.stderr
     # run.json's commit: a wheel install run inside the project's clone still records it
     head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"],
                           capture_output=True, text=True, timeout=HANG_GUARD).stdout.strip()

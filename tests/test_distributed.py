@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import HANG_GUARD, SMOKE, run_dir_of, run_metamm
+from conftest import HANG_GUARD, SMOKE, run_dir_of, run_metamm, wait_for
 
 ENV = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"PYTHONUNBUFFERED": "1"}
 # A well-conditioned model, so that rounding differences (another summation order: the
@@ -79,11 +78,8 @@ def test_sigterm_on_one_rank_checkpoints_once_and_resumes_on_another_world_size(
     long = [a for a in SAME if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=100000",
                                                                           "trainer.ckpt_every=1000"]
     p = torchrun(2, ["train", *long], tmp_path)
-    deadline = time.monotonic() + HANG_GUARD  # a hang guard only
-    while not (list(tmp_path.glob("outputs/smoke/runs/*/train.log"))
-               and "step 4:" in next(tmp_path.glob("outputs/smoke/runs/*/train.log")).read_text()):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.05)
+    wait_for(lambda: list(tmp_path.glob("outputs/smoke/runs/*/train.log"))
+             and "step 4:" in next(tmp_path.glob("outputs/smoke/runs/*/train.log")).read_text(), p)
     os.kill(worker(p, 1), signal.SIGTERM)  # only rank 1 gets the signal
     out, err = p.communicate(timeout=HANG_GUARD)
     (run,) = runs(tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HANG_GUARD, METAMM, compose_cfg, run_dir_of, run_metamm
+from conftest import HANG_GUARD, METAMM, compose_cfg, run_dir_of, run_metamm, wait_for
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -46,12 +46,6 @@ def read_until(proc, needle):
     return "".join(lines)
 
 
-def wait_for(predicate, timeout=HANG_GUARD):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
 
 def finish(proc):
     out = proc.stdout.read()
@@ -74,7 +68,7 @@ def test_killed_at_any_moment_resumes_bit_identical(tmp_path):
     # 1. SIGKILL during the second write of last.pt (step 10; the hook pauses inside the write)
     p = start(BASE, cwd, METAMM_TEST_SAVE_PAUSE="2")
     ckpts = lambda: list(cwd.glob("outputs/smoke/runs/*/checkpoints"))  # noqa: E731
-    wait_for(lambda: ckpts() and (ckpts()[0] / "last.pt").exists() and list(ckpts()[0].glob(".last.pt.*.tmp")))
+    wait_for(lambda: ckpts() and (ckpts()[0] / "last.pt").exists() and list(ckpts()[0].glob(".last.pt.*.tmp")), p)
     p.kill()
     p.wait()
     killed = p.pid

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import HANG_GUARD, METAMM, run_dir_of, run_metamm
+from conftest import HANG_GUARD, METAMM, run_dir_of, run_metamm, wait_for
 
 from metamm_cli import ConfigError
 from metamm_cli.runs.checkpoint import clean_orphans
@@ -29,12 +29,6 @@ def start(args, cwd, **popen):
     return subprocess.Popen(METAMM + [str(a) for a in args], cwd=cwd, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
-
-def wait_for(predicate, timeout=HANG_GUARD):
-    deadline = time.monotonic() + timeout  # a hang guard only
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def sleeper():
@@ -91,7 +85,7 @@ def test_two_resumes_started_together_one_refuses(tmp_path):
         assert loser.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
         # refused by the claim, or (when the winner had claimed first) by the search
         assert f"is in use by pid {winner.pid}" in err or f"in use by a live process: {run.relative_to(tmp_path)} (pid {winner.pid})" in err, err
-        wait_for(lambda: "resumed from" in (run / "train.log").read_text())
+        wait_for(lambda: "resumed from" in (run / "train.log").read_text(), winner)
         assert running_pid(run) == winner.pid
     finally:
         for p in procs:
@@ -106,7 +100,7 @@ def test_two_resumes_started_together_one_refuses(tmp_path):
 def test_signal_during_start_up_leaves_nothing(tmp_path, signum, code):
     """A big synthetic set takes seconds to generate: the signal lands while the data is built."""
     p = start(["train", "+exp=smoke", "dataset.codes={train: 40, val: 4, test: 4}"], tmp_path)
-    wait_for(lambda: list(tmp_path.glob("outputs/smoke/runs/*/.hydra")))  # Hydra made the folder
+    wait_for(lambda: list(tmp_path.glob("outputs/smoke/runs/*/.hydra")), p)  # Hydra made the folder
     time.sleep(0.3)
     p.send_signal(signum)
     out, err = p.communicate(timeout=HANG_GUARD)
@@ -120,7 +114,7 @@ def test_interrupted_sweep_job_prints_a_resume_command_that_works(tmp_path):
     command is quoted for the shell and for Hydra, and runs as printed."""
     p = start(["train", "-m", "+exp=smoke", "seed=1", "trainer.device=cpu", "trainer.max_steps=100000",
                "trainer.log_every=1", "trainer.tensorboard=false"], tmp_path)
-    wait_for(lambda: list(tmp_path.glob("outputs/smoke/multiruns/*/*/checkpoints/last.pt")))
+    wait_for(lambda: list(tmp_path.glob("outputs/smoke/multiruns/*/*/checkpoints/last.pt")), p)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=HANG_GUARD)
     assert p.returncode == 143, (out, err)

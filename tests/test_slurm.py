@@ -10,11 +10,10 @@ import re
 import shlex
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import HANG_GUARD, METAMM, SMOKE, run_metamm
+from conftest import HANG_GUARD, METAMM, SMOKE, run_metamm, wait_for
 
 from hydra_plugins.metamm.slurm import FATAL_REASONS, is_fatal, summary
 
@@ -58,12 +57,6 @@ def queued(job: str) -> list:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], capture_output=True, text=True).stdout.split()
 
 
-def wait_until(predicate):
-    deadline = time.monotonic() + HANG_GUARD  # a hang guard only
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-
 
 def test_a_job_asking_more_cpus_than_the_node_has_is_cancelled_in_one_line(tmp_path, slurm):
     proc = run_metamm(["train", "-m", *SMOKE, *SLURM, f"hydra.launcher.cpus_per_task={slurm + 2}", "seed=0,1"],
@@ -76,7 +69,7 @@ def test_a_job_asking_more_cpus_than_the_node_has_is_cancelled_in_one_line(tmp_p
                          r"\w+ has (\d+)", last)
     assert found and int(found[2]) == slurm + 2 and int(found[3]) == slurm, last
     assert "slurm: 2 pending (PartitionConfig)" in proc.stderr  # the reason, while it waited
-    wait_until(lambda: not queued(found[1]))  # cancelled, not left pending forever
+    wait_for(lambda: not queued(found[1]))  # cancelled, not left pending forever
     assert not (tmp_path / "outputs").exists()  # nothing ran: no sweep folder is left
 
 
@@ -101,7 +94,7 @@ def test_sigterm_while_waiting_leaves_the_jobs_running_and_says_how_to_collect_t
     with open(err, "w") as f:
         p = subprocess.Popen(METAMM + args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=f, text=True)
     try:
-        wait_until(lambda: "running" in err.read_text() or p.poll() is not None)
+        wait_for(lambda: "running" in err.read_text() or p.poll() is not None)
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=HANG_GUARD)
     finally:
@@ -115,7 +108,7 @@ def test_sigterm_while_waiting_leaves_the_jobs_running_and_says_how_to_collect_t
                          r"them: scancel \2", last)
     assert found, last
     assert queued(found[2])  # they go on
-    wait_until(lambda: not queued(found[2]))
+    wait_for(lambda: not queued(found[2]))
     command = shlex.split(found[4])
     assert command[:2] == ["metamm", "train"] and command[2:-1] == args[1:]
     collect = run_metamm(command[1:], tmp_path)  # the command as printed, pasted

@@ -9,11 +9,10 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import HANG_GUARD, METAMM, SMOKE, run_metamm
+from conftest import HANG_GUARD, METAMM, SMOKE, run_metamm, wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,13 +29,6 @@ def jobs(tmp_path):
 def metrics(job):
     return json.loads((job / "metrics.json").read_text())
 
-
-def wait_for(predicate, proc=None):
-    deadline = time.monotonic() + HANG_GUARD  # a hang guard only
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        assert proc is None or proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
 
 
 def test_joblib_sweep_runs_jobs_side_by_side_without_oversubscribing(tmp_path):

@@ -10,9 +10,11 @@ line that quotes Slurm's reason and names the key to change. An interrupted wait
 (SIGTERM, Ctrl-C) leaves the jobs to Slurm, where they go on, and says how to collect them.
 
 Slurm without accounting (no ``sacct``) is enough: ``squeue --states=all`` shows a job for a
-while after it ended (MinJobAge), and submitit's result files say which jobs returned."""
-from __future__ import annotations
+while after it ended (MinJobAge), and submitit's result files say which jobs returned.
 
+No ``from __future__ import annotations`` here: Hydra's plugin scan runs this module without
+registering it in ``sys.modules``, where a dataclass with string annotations looks itself up (an
+installed wheel then failed every command with "'NoneType' object has no attribute '__dict__'")."""
 import fnmatch
 import logging
 import os
