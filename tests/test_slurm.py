@@ -84,6 +84,7 @@ def test_a_sweep_shows_its_jobs_states_and_finishes(tmp_path, slurm):
     assert "1 running" in " ".join(states) and "pending (Resources)" in " ".join(states), states
     assert states[-1] == "slurm: 2 done"
     assert len(list(tmp_path.glob("outputs/smoke/multiruns/*/000[01]_*/metrics.json"))) == 2
+    assert list(tmp_path.glob("outputs/smoke/multiruns/*/.submitit/**/*_log.out"))  # Slurm ran them
     assert "sweep summary" in proc.stdout
 
 

@@ -1,5 +1,5 @@
 """Beyond one process, through the real CLI: parallel sweeps on Hydra's joblib and submitit
-launchers (and a real one-node Slurm where it can start), the Optuna search (a failing trial, an
+launchers (Slurm: tests/test_slurm.py), the Optuna search (a failing trial, an
 interrupted search continued from its SQLite study), sweep folders that sort, never overwrite
 and continue, and TensorBoard that compares (run names, readable hparams, test accuracy)."""
 from __future__ import annotations
@@ -49,29 +49,6 @@ def test_submitit_local_sweep(tmp_path):
     _, folders = jobs(tmp_path)
     assert len(folders) == 2 and all(metrics(f)["step"] == 8 for f in folders)
     assert all(json.loads((f / "run.json").read_text())["threads"] == 1 for f in folders)  # cpus_per_task
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """A real one-node Slurm from ../shared/tools/slurm-local.sh; skipped where it cannot start."""
-    script = REPO.parent / "shared" / "tools" / "slurm-local.sh"
-    if not script.is_file():
-        pytest.skip(f"no {script}: cannot start a local Slurm here")
-    if os.geteuid() != 0:
-        pytest.skip("slurm-local.sh needs root")
-    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=HANG_GUARD)
-    if up.returncode != 0:
-        pytest.skip(f"local Slurm did not start: {(up.stderr or up.stdout).strip().splitlines()[-1:]}")
-    yield
-    subprocess.run(["bash", str(script), "down"], capture_output=True, text=True, timeout=HANG_GUARD)
-
-
-def test_submitit_slurm_sweep_on_a_real_cluster(tmp_path, slurm):
-    run_metamm(["train", "-m", *SMOKE, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
-                "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", "seed=0,1", *FAST], tmp_path)
-    sweep, folders = jobs(tmp_path)
-    assert len(folders) == 2 and all(metrics(f)["step"] == 8 for f in folders)
-    assert list((sweep / ".submitit").rglob("*_log.out"))  # Slurm ran them
 
 
 def test_optuna_search_records_a_failing_trial_and_continues_after_an_interruption(tmp_path):

@@ -43,9 +43,13 @@ def _interrupt(signum, frame):
 
 
 def startup_signals() -> None:
-    """SIGTERM raises :class:`Interrupted` as Ctrl-C raises KeyboardInterrupt (main thread only)."""
+    """SIGTERM and SIGINT raise :class:`Interrupted` (main thread only). SIGINT too, because a
+    command started in the background of a script (``metamm train &``) inherits SIGINT ignored,
+    and training (:class:`StopSignals`) takes it all the same: ``kill -INT`` then stops start-up
+    as it stops training, instead of being lost until the first step."""
     try:
-        signal.signal(signal.SIGTERM, _interrupt)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _interrupt)
     except ValueError:  # not the main thread
         pass
 
