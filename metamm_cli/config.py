@@ -137,6 +137,12 @@ class Scheduler(enum.Enum):
     multistep = "multistep"
 
 
+class MemoryFormat(enum.Enum):
+    auto = "auto"
+    channels_last = "channels_last"
+    contiguous = "contiguous"
+
+
 class Optimizer(enum.Enum):
     adam = "adam"
     sgd = "sgd"
@@ -189,6 +195,8 @@ class TrainerConfig:
     progress: bool = True
     tensorboard: bool = True
     threads: Optional[int] = field(default=None, metadata=_range("null or >= 1"))  # torch CPU threads; null: auto (device.auto_threads)
+    memory_format: MemoryFormat = MemoryFormat.auto  # of 4-d weights and images; auto: measured (models/memory_format.py)
+    embed_chunk: Optional[int] = field(default=None, metadata=_range("null or >= 0"))  # samples per piece of an embedding call (BatchNorm over the whole batch); 0: whole; null: auto
     test: bool = False  # at the end, best.pt on the test split -> RUN/eval.json (as metamm eval)
     compile: bool = False  # torch.compile the embedding network (algorithms differentiated once)
     profile: bool = False  # a torch.profiler trace of steps 3-5 into the run's TensorBoard folder

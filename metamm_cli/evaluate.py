@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from metamm_cli import ConfigError
 from metamm_cli.errors import is_oom
 from metamm_cli.algorithms import MetaAlgorithm, accuracy, build_algorithm, load_weights
+from metamm_cli.models.memory_format import apply_layout
 from metamm_cli.runs.checkpoint import load_checkpoint
 from metamm_cli.config import TrainConfig, check_ranges
 from metamm_cli.data.base import MultimodalDataset, build_dataset, describe_changes
@@ -240,6 +241,9 @@ def rebuild(cfg: DictConfig, overrides: list, state: Dict) -> Tuple[DictConfig, 
     else:
         algo = build_algorithm(run_cfg, dataset, way=state["config"]["episode"]["way"]).to(device)
         load_weights(algo, state["model"], f"--ckpt {state['path']}")
+        shape = state.get("layout")  # the run's measured layout: the same values, faster
+        if shape:
+            apply_layout(algo, shape["memory_format"], shape["embed_chunk"])
     return run_cfg, dataset, algo, device
 
 

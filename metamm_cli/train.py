@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from metamm_cli import ConfigError
@@ -28,6 +28,7 @@ from metamm_cli.scale.distributed import all_reduce_step, barrier, local_share, 
 from metamm_cli.evaluate import evaluate, per_second
 from metamm_cli.scale.launch import job_share, sweep_job
 from metamm_cli.runs.pretrained import load_body
+from metamm_cli.models.memory_format import apply_layout, choose, match_state_layout
 from metamm_cli.optim import make_optimizer, make_scheduler
 from metamm_cli.runs.record import (TAGS, VAL_ACC, VAL_CI95, Throughput, finite_json, hparams, open_folder, profiler,
                                     shown_hparams, tensorboard, write_hparams, write_metrics)
@@ -59,7 +60,31 @@ def meta_backward(algo, episode, chunk: int, autocast=contextlib.nullcontext, sc
     return loss_sum, acc_sum
 
 
-def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[Dict]) -> Run:
+def resolve_layout(cfg: DictConfig, algo, dataset, device: torch.device, ckpt: Optional[Dict],
+                   measure: bool) -> Dict[str, Any]:
+    """``trainer.memory_format`` and ``trainer.embed_chunk`` for this run: as set; where auto, a
+    resumed run's own choice, else the measured (cached) one; ``measure=False`` (a population's
+    members, torchrun ranks: one layout for all) or ``trainer.deterministic``: contiguous, whole
+    batches."""
+    T = cfg.trainer
+    stored = (ckpt or {}).get("layout") or {}
+    fmt = enum_name(T.memory_format)
+    fmt = fmt if fmt != "auto" else stored.get("memory_format", "auto")
+    chunk = T.embed_chunk if T.embed_chunk is not None else stored.get("embed_chunk")
+    if fmt != "auto" and chunk is not None:
+        shape = {"memory_format": fmt, "embed_chunk": int(chunk)}
+    elif not measure or T.deterministic:
+        shape = {"memory_format": "contiguous" if fmt == "auto" else fmt, "embed_chunk": chunk or 0}
+    else:
+        merged = OmegaConf.merge(cfg, {"trainer": {"memory_format": fmt, "embed_chunk": chunk}})
+        shape = choose(merged, algo.model, dataset.modalities, algo.embed_batch(cfg, device), device,
+                       algo.differentiates_twice)
+    if T.compile:
+        shape["embed_chunk"] = 0  # torch.compile traces whole batches
+    return shape
+
+
+def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[Dict], tuned: bool = True) -> Run:
     started = time.perf_counter()
     changes = []
     if ckpt is not None:
@@ -91,6 +116,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
                           "(encoder.init=RUN_FOLDER or a .pt, e.g. a +exp=benchmarks/pretrain_resnet12_mini run)")
     if ckpt is None and cfg.encoder.get("init"):  # a fresh run started from another run's body
         log.info(load_body(algo, cfg.encoder.init))
+    shape = resolve_layout(cfg, algo, dataset, device, ckpt, tuned and not w.distributed)
+    apply_layout(algo, shape["memory_format"], shape["embed_chunk"], algo.differentiates_twice)
     train_sampler = algo.train_sampler(cfg, dataset, device, T.meta_batch, cfg.seed)
     val_tasks = min(T.val_episodes, cfg.eval.tasks_per_batch)
     val_sampler = build_sampler(cfg, dataset, "val", device, val_tasks, cfg.seed + 1)
@@ -104,8 +131,10 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     state.clock = started  # wall time counts the start-up (data loading) too
     run = Run(cfg, run_dir, device, algo, optimizer, scheduler, scaler, train_sampler, val_sampler,
               val_tasks, autocast_for(device, T.amp), state, dataset=dataset, world=w)
+    state.layout = shape
     if ckpt is not None:
         restore(run, ckpt, changes)
+        match_state_layout(optimizer)
     run.throughput = Throughput(run.state.step)  # episodes/s after this process's warm-up steps
     run.trial = reporter(cfg)
     if w.main:  # rank 0 writes the run folder; the others only train
@@ -114,6 +143,7 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: List[str], ckpt: Optional[D
     ranks = f", rank {w.rank} of {w.size}" if w.distributed else ""
     log.info(f"{dataset.describe()} | {E.way}-way {E.shot}-shot {E.query}-query | "
              f"{type(algo).__name__} + {type(algo.model.fusion).__name__} on {device} (amp {amp}, "
+             f"{shape['memory_format']}{', pieces of ' + str(shape['embed_chunk']) if shape['embed_chunk'] else ''}, "
              f"{threads} CPU thread{'s' if threads > 1 else ''}{ranks}) | run dir {run_dir}")
     return run
 

@@ -14,6 +14,17 @@ import torch  # noqa: E402
 from metamm_cli.config import compose  # noqa: E402
 
 
+def emit(result, out=None) -> None:
+    """Print ``result`` as JSON and, with ``out``, write it there too."""
+    import json
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
 def compose_config(overrides, name: str = "train"):
     return compose(overrides, name)
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import compose_config
+from _common import compose_config, emit
 
 from metamm_cli.device import resolve_device
 from metamm_cli.scale.population import Member, Population
@@ -163,11 +163,7 @@ def main():
                         f"side with {share} thread(s) each, ceil(N/{args.jobs}) of their measured steps one after "
                         f"another (N=1: one process with {threads} threads); start-up not counted"),
            "results": results, "seconds": round(time.time() - started, 1)}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

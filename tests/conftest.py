@@ -18,6 +18,12 @@ _DATA = Path(os.environ.get("METAMM_DATA", Path(__file__).resolve().parents[2] /
 if _DATA.is_dir():
     os.environ.setdefault("METAMM_DATA", str(_DATA))
 
+# The layout measurements (trainer.memory_format=auto) of this session in a file of its own, not
+# the user's cache (inherited by every metamm the tests start).
+if "METAMM_LAYOUT_CACHE" not in os.environ:
+    import tempfile
+    os.environ["METAMM_LAYOUT_CACHE"] = str(Path(tempfile.mkdtemp(prefix="metamm-layout-")) / "autotune.json")
+
 # The console script installed beside this interpreter (pip install . or -e .).
 _script = Path(sys.executable).with_name("metamm")
 METAMM = [str(_script)] if _script.exists() else [shutil.which("metamm") or "metamm"]

@@ -84,6 +84,13 @@ class MetaAlgorithm(nn.Module):
 
         return build_sampler(cfg, dataset, "train", device, tasks, seed)
 
+    def embed_batch(self, cfg, device: torch.device) -> int:
+        """The samples of one call of the embedding network in a training step (what
+        ``trainer.memory_format=auto`` measures): one task's support and query, or the whole
+        meta-batch's where it is embedded in one call."""
+        E = cfg.episode
+        return E.way * (E.shot + E.query) * (1 if self.looped(device) else cfg.trainer.meta_batch)
+
     def fixed_way(self) -> Optional[str]:
         """Why this algorithm classifies only at its training way (a way-sized head), or None."""
         return None

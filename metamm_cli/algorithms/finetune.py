@@ -195,6 +195,9 @@ class Finetune(MetaAlgorithm):
     def test_scale(self, way: int) -> float:
         return paper_scale(way) if self.scale is None else self.scale
 
+    def embed_batch(self, cfg, device):
+        return super().embed_batch(cfg, device) if self.train_batch is None else self.train_batch
+
     def train_sampler(self, cfg, dataset, device, tasks: int, seed: int):
         if self.train_batch is None:
             return super().train_sampler(cfg, dataset, device, tasks, seed)

@@ -31,6 +31,7 @@ from torch.func import grad, vmap
 
 from metamm_cli import ConfigError
 from metamm_cli.device import upcast  # noqa: F401 - the algorithms import it from here
+from metamm_cli.models.chunked import sequential_running_stats  # noqa: F401 - tests import it from here
 
 Params = Dict[str, torch.Tensor]
 LR = Union[float, Mapping[str, torch.Tensor]]
@@ -164,6 +165,8 @@ class BatchStatNorm(_OpsNorm):
     wrong), the native kernel otherwise (the per-task loop: a MAML step 26% faster on the CPU,
     the same values; tests/test_algorithm_gradients.py compares the two to 1e-9)."""
 
+    always_batch_stats = True  # models/chunked.py: normalises by the batch at hand, in any mode
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch._C._functorch.is_functorch_wrapped_tensor(x):  # not under vmap/grad transforms
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
@@ -244,19 +247,6 @@ def functional_norms(module: nn.Module) -> nn.Module:
 # BatchNorm with per-task statistics (metric algorithms, ``bn_stats=task``)
 
 BN_STATS = ("task", "batch")
-
-
-def sequential_running_stats(running: torch.Tensor, stats: torch.Tensor, momentum: Optional[float],
-                             tracked: Union[int, torch.Tensor] = 0) -> torch.Tensor:
-    """``running [C]`` after one update per row of ``stats [G, C]``, in order, by BatchNorm's rule
-    ``r <- (1 - m) r + m s_g`` (closed form: ``(1-m)^G r + sum_g m (1-m)^(G-1-g) s_g``); with
-    ``momentum=None`` the cumulative average over ``tracked`` earlier batches and these ``G``."""
-    G = stats.shape[0]
-    if momentum is None:
-        return (tracked * running + stats.sum(0)) / (tracked + G)
-    power = torch.arange(G - 1, -1, -1, device=stats.device, dtype=stats.dtype)
-    weights = momentum * (1 - momentum) ** power  # [G]
-    return (1 - momentum) ** G * running + (weights[:, None] * stats).sum(0)
 
 
 class _TaskGroups:

@@ -93,6 +93,11 @@ class MAML(MetaAlgorithm):
                     f"(algorithm.head=zero evaluates at any way)")
         return None
 
+    def embed_batch(self, cfg, device):
+        """A task's support or its query (embedded apart): the larger."""
+        E = cfg.episode
+        return E.way * max(E.shot, E.query)
+
     @property
     def steps(self) -> int:
         return self.inner_steps if self.training else self.inner_steps_eval

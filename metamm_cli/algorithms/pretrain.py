@@ -46,6 +46,9 @@ class Pretrain(MetaAlgorithm):
         self.classifier = DistLinear(model.out_dim, num_classes, scale) if head == "cosine" \
             else nn.Linear(model.out_dim, num_classes)
 
+    def embed_batch(self, cfg, device):
+        return self.batch_size * cfg.trainer.meta_batch  # the minibatches of a step, in one call
+
     def train_sampler(self, cfg, dataset, device, tasks: int, seed: int):
         return minibatches(cfg, dataset, device, self.batch_size, tasks, seed, "algorithm.batch_size")
 

@@ -15,7 +15,10 @@ from metamm_cli.data.episodes import ModalitySpec
 
 
 def _block(conv: type, pool: type, bn: type, cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(conv(cin, cout, k, padding=k // 2), bn(cout), nn.ReLU(), pool(2))
+    """conv-BN-ReLU-maxpool as the papers write it, run as conv-BN-maxpool-ReLU: the same values
+    and gradients (ReLU is monotone, so it commutes with the max), on a quarter of the elements.
+    The layers keep their positions in the state dict (ReLU and pooling hold no weights)."""
+    return nn.Sequential(conv(cin, cout, k, padding=k // 2), bn(cout), pool(2), nn.ReLU())
 
 
 def _strided_block(cin: int, cout: int, k: int) -> nn.Sequential:

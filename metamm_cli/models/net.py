@@ -15,6 +15,15 @@ from metamm_cli.data.base import MultimodalDataset
 MAPPINGS = ("none", "linear", "mlp")
 
 
+def to_format(x: torch.Tensor, fmt) -> torch.Tensor:
+    """A 4-d float batch in ``fmt`` (not under torch.func transforms, where layouts are the
+    transform's business); anything else unchanged."""
+    if fmt is torch.contiguous_format or x.dim() != 4 or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return x
+    return x.contiguous(memory_format=fmt)
+
+
+
 class Mapping(nn.Module):
     """``mapping=none|linear|mlp``: one projection per modality ``[B, dim] -> [B, dim]`` into a
     space shared by all modalities (identity, linear, or Linear-ReLU-Linear with ``hidden``
@@ -52,13 +61,14 @@ class MultimodalNet(nn.Module):
         if mapping is not None:
             self.mapping = mapping
         self.out_dim = fusion.out_dim
+        self.memory_format = torch.contiguous_format  # of 4-d inputs (models.memory_format.apply_layout)
 
     def to_shared(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Per-modality embeddings mapped into the shared space (unchanged without a mapping)."""
         return self.mapping(feats) if hasattr(self, "mapping") else feats
 
     def features(self, inputs: Dict[str, torch.Tensor], shared: bool = True) -> Dict[str, torch.Tensor]:
-        feats = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+        feats = {m: enc(to_format(inputs[m], self.memory_format)) for m, enc in self.encoders.items()}
         return self.to_shared(feats) if shared else feats
 
     def encode(self, inputs: Dict[str, torch.Tensor], present: torch.Tensor,

@@ -37,6 +37,7 @@ class RunState:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.first_bad_index: Optional[torch.Tensor] = None  # the samples of the first bad step
         self.wall_base, self.clock = 0.0, time.perf_counter()  # wall seconds before this process, its start
+        self.layout: Dict[str, Any] = {}  # trainer.memory_format / embed_chunk as resolved (a resume keeps them)
 
     @property
     def wall(self) -> float:
@@ -72,6 +73,7 @@ class RunState:
     def state_dict(self, config: Dict) -> Dict[str, Any]:
         return {"step": self.step, "best_val_acc": self.best, "best_step": self.best_step,
                 "history": self.history, "config": config, "data": self.data, "wall_time_s": self.wall,
+                "layout": self.layout,
                 "log_sums": self.sums.cpu(),
                 "log_tasks": self.tasks, "bad": self.bad.cpu(), "first_bad": self.first_bad.cpu(),
                 **{name: m.state_dict() for name, m in self.modules.items()},

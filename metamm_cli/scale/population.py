@@ -373,7 +373,7 @@ def _train_population(members: List[Member]) -> List[Dict]:
                 if done is not None:
                     m.result = done
                     continue
-                m.run = setup(m.cfg, m.run_dir, m.overrides, ckpt)
+                m.run = setup(m.cfg, m.run_dir, m.overrides, ckpt, tuned=False)  # one layout for all members
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001 - one member's failure, the others go on
